@@ -1,0 +1,43 @@
+"""The ``vispruner`` command line. Each subcommand lives in its own module and loads on use."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+#: subcommand -> (module that defines ``add_arguments(parser)`` and ``run(args)``, help line)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "methods": ("vispruner.commands.methods", "list the registered token-selection methods"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vispruner import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="vispruner",
+        description="Training-free visual token pruning for vision-language models (VisPruner and peers).",
+    )
+    parser.add_argument("--version", action="version", version=f"vispruner {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_line) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_line, description=help_line)
+        sub.set_defaults(_module=module)
+        # Parsers are declared up front so that --help lists every option; the work loads lazily.
+        importlib.import_module(module).add_arguments(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Argument checks shared by the methods: every error names the argument and the allowed range."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+
+def check_finite(tensor: torch.Tensor, name: str) -> None:
+    # min and max propagate NaN and expose +-inf; two reductions cost less than isfinite().all(),
+    # which materialises a mask as large as the input.
+    low, high = torch.aminmax(tensor)
+    if not bool(torch.isfinite(low) & torch.isfinite(high)):
+        raise ValueError(f"{name} must be finite; it contains NaN or infinite values")
+
+
+def check_num_tokens(num_tokens: object, name: str = "num_tokens") -> int:
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, numbers.Integral):
+        raise ValueError(f"{name} must be an integer >= 1; got {num_tokens!r}")
+    if num_tokens < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {num_tokens}")
+    return int(num_tokens)
+
+
+def check_ratio(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number in [0, 1]; got {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be a number in [0, 1]; got {value}")
+    return value
+
+
+def check_features(features: object, name: str = "features") -> torch.Tensor:
+    if not isinstance(features, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape (B, N, C); got {type(features).__name__}")
+    if features.ndim != 3:
+        raise ValueError(f"{name} must have shape (B, N, C) (rank 3); got shape {tuple(features.shape)}")
+    if not features.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor; got dtype {features.dtype}")
+    if features.shape[0] < 1 or features.shape[1] < 1 or features.shape[2] < 1:
+        raise ValueError(f"{name} must have B >= 1, N >= 1 and C >= 1; got shape {tuple(features.shape)}")
+    check_finite(features, name)
+    return features
+
+
+def check_attention(attention: object, batch: int, tokens: int, name: str = "attention") -> torch.Tensor:
+    """Validate (B, N) scores or (B, H, N) per-head attention; return (B, N) float32 scores."""
+    if not isinstance(attention, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape (B, N) or (B, H, N); got {type(attention).__name__}")
+    if attention.ndim not in (2, 3):
+        raise ValueError(f"{name} must have shape (B, N) or (B, H, N) (rank 2 or 3); got shape {tuple(attention.shape)}")
+    if not attention.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor; got dtype {attention.dtype}")
+    if attention.shape[0] != batch:
+        raise ValueError(f"{name} batch size must equal the features' batch size {batch}; got {attention.shape[0]}")
+    if attention.shape[-1] != tokens:
+        raise ValueError(f"{name} last dimension must equal the number of patches N={tokens}; got {attention.shape[-1]}")
+    if attention.ndim == 3 and attention.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one head; got shape {tuple(attention.shape)}")
+    check_finite(attention, name)
+    scores = attention.float()
+    return scores.mean(dim=1) if scores.ndim == 3 else scores

@@ -1,0 +1,94 @@
+"""What every token-selection method shares: its inputs, its output, and the registry.
+
+A method is a pure function on tensors. Model plumbing (hooks, compaction of the sequence) lives
+in :mod:`vispruner.adapters`; a method never sees a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class VisionSignals:
+    """What the vision tower gives a method, for a batch of B images (or crops) of N patches.
+
+    Attributes:
+        features: (B, N, C) patch features of the layer that feeds the projector, [CLS] removed.
+        attention: (B, N) [CLS]-to-patch attention of that layer, averaged over heads, or None
+            when the model has no [CLS] token.
+        keys: (B, N, D) attention keys of that layer (heads concatenated), or None.
+        grid: (rows, cols) of the patch grid, rows * cols == N, or None when not a grid.
+    """
+
+    features: "torch.Tensor"
+    attention: "torch.Tensor | None" = None
+    keys: "torch.Tensor | None" = None
+    grid: "tuple[int, int] | None" = None
+
+
+@dataclass
+class Selection:
+    """The tokens a method keeps.
+
+    Attributes:
+        keep: (B, N) bool, True where the token goes on to the language model.
+        important: (B, N) bool subset of ``keep`` chosen by an importance signal (the rest of
+            ``keep`` was chosen for diversity or coverage); None when the method makes no split.
+        features: (B, N, C) features to use at the kept positions, for methods that merge
+            tokens; None when kept tokens keep their own features.
+    """
+
+    keep: "torch.Tensor"
+    important: "torch.Tensor | None" = None
+    features: "torch.Tensor | None" = None
+
+
+Stage = Literal["vision", "llm"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method.
+
+    ``select(signals, num_tokens, **options) -> Selection`` for vision-stage methods, which prune
+    before the language model. LLM-stage methods (FastV) prune inside the language model; their
+    adapters call ``select`` with the language-model signals they document.
+    """
+
+    name: str
+    select: Callable[..., Selection]
+    paper: str
+    summary: str
+    stage: Stage = "vision"
+    needs: frozenset[str] = field(default_factory=frozenset)
+    options: tuple[str, ...] = ()
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` to the registry (a method module calls this once, at import)."""
+    if method.name in _REGISTRY and _REGISTRY[method.name] is not method:
+        raise ValueError(f"a method named {method.name!r} is already registered")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def registry() -> dict[str, Method]:
+    return _REGISTRY
+
+
+def check_options(method: Method, options: dict[str, Any]) -> None:
+    unknown = sorted(set(options) - set(method.options))
+    if unknown:
+        allowed = ", ".join(method.options) or "none"
+        raise ValueError(
+            f"method {method.name!r} got unknown option(s) {', '.join(unknown)}; "
+            f"allowed options: {allowed}"
+        )

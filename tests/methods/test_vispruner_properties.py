@@ -1,0 +1,94 @@
+"""Invariants of VisPruner's selection, over many shapes and budgets (hypothesis)."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import vispruner
+from vispruner import vispruner_selection
+
+from .reference_vispruner import reference_keep
+
+
+@st.composite
+def problems(draw, max_tokens: int = 80):
+    batch = draw(st.integers(1, 3))
+    tokens = draw(st.integers(1, max_tokens))
+    dim = draw(st.integers(1, 12))
+    heads = draw(st.sampled_from([None, 1, 3]))
+    num_tokens = draw(st.integers(1, tokens + 5))
+    ratio = draw(st.sampled_from([0.0, 0.25, 0.5, 0.75, 0.9, 1.0]) | st.floats(0, 1))
+    seed = draw(st.integers(0, 2**31 - 1))
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch, tokens, dim, generator=generator)
+    shape = (batch, tokens) if heads is None else (batch, heads, tokens)
+    attention = torch.rand(shape, generator=generator)
+    return features, attention, num_tokens, ratio
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems())
+def test_count_and_important_tokens(problem):
+    features, attention, num_tokens, ratio = problem
+    selection = vispruner_selection(features, attention, num_tokens, ratio)
+    batch, tokens, _ = features.shape
+    assert selection.keep.shape == (batch, tokens) and selection.keep.dtype == torch.bool
+    assert selection.keep.sum(1).tolist() == [min(num_tokens, tokens)] * batch
+    scores = attention.mean(1) if attention.ndim == 3 else attention
+    top = scores.argsort(dim=1, descending=True)[:, : min(int(num_tokens * ratio), tokens)]
+    assert selection.keep.gather(1, top).all()
+    assert torch.equal(selection.important.sum(1), torch.full((batch,), top.shape[1]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems())
+def test_equals_the_step_by_step_reference(problem):
+    features, attention, num_tokens, ratio = problem
+    keep = vispruner.select(features, attention, num_tokens, ratio)
+    for b in range(features.shape[0]):
+        assert torch.equal(keep[b], reference_keep(features[b], attention[b], num_tokens, ratio))
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems())
+def test_batch_equals_images_one_at_a_time(problem):
+    features, attention, num_tokens, ratio = problem
+    batched = vispruner.select(features, attention, num_tokens, ratio)
+    for b in range(features.shape[0]):
+        single = vispruner.select(features[b : b + 1], attention[b : b + 1], num_tokens, ratio)
+        assert torch.equal(batched[b : b + 1], single)
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems(), st.randoms(use_true_random=False))
+def test_permuting_patches_permutes_the_mask(problem, rnd):
+    features, attention, num_tokens, ratio = problem
+    tokens = features.shape[1]
+    perm = list(range(tokens))
+    rnd.shuffle(perm)
+    perm = torch.tensor(perm)
+    keep = vispruner.select(features, attention, num_tokens, ratio)
+    permuted = vispruner.select(features[:, perm], attention[..., perm], num_tokens, ratio)
+    assert torch.equal(permuted, keep[:, perm])
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(), st.sampled_from([torch.float16, torch.bfloat16]))
+def test_half_precision_inputs_give_the_float32_result(problem, dtype):
+    features, attention, num_tokens, ratio = problem
+    low_features, low_attention = features.to(dtype), attention.to(dtype)
+    expected = vispruner.select(low_features.float(), low_attention.float(), num_tokens, ratio)
+    assert torch.equal(vispruner.select(low_features, low_attention, num_tokens, ratio), expected)
+
+
+@settings(max_examples=20, deadline=None)
+@given(problems())
+def test_result_lives_on_the_features_device(problem):
+    features, attention, num_tokens, ratio = problem
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    results = [vispruner.select(features.to(d), attention.to(d), num_tokens, ratio) for d in devices]
+    for device, keep in zip(devices, results):
+        assert keep.device.type == device
+        assert torch.equal(keep.cpu(), results[0])
