@@ -109,6 +109,9 @@ def _remove_duplicates(features: torch.Tensor, residual: torch.Tensor, budget: i
     batch, length = residual.shape
     if length <= budget:
         return residual
+    if budget == 0:
+        # Nothing survives (FasterVLM, important_ratio=1): skip the similarity and the loop.
+        return residual[:, :0]
     unit = _rows(features, residual).float()
     # In place: a fresh (B, R, C) buffer costs more in page faults than the division itself.
     unit.div_(torch.linalg.vector_norm(unit, dim=-1, keepdim=True).clamp_min_(1e-12))
