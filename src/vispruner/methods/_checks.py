@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 import torch
 
@@ -63,3 +64,18 @@ def check_attention(attention: object, batch: int, tokens: int, name: str = "att
     check_finite(attention, name)
     scores = attention.float()
     return scores.mean(dim=1) if scores.ndim == 3 else scores
+
+
+_SIGNALS = {
+    "attention": "the [CLS] attention",
+    "keys": "the vision layer's attention keys",
+    "grid": "the patch grid (rows, cols)",
+}
+
+
+def require_signal(signals: object, signal: str, method: str) -> Any:
+    """``signals.<signal>``, or a ValueError saying that ``method`` cannot run without it."""
+    value = getattr(signals, signal)
+    if value is None:
+        raise ValueError(f"method {method!r} needs {_SIGNALS[signal]}, which this model does not provide")
+    return value

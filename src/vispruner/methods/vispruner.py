@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_attention, check_features, check_num_tokens, check_ratio
+from ._checks import check_attention, check_features, check_num_tokens, check_ratio, require_signal
 from .base import Method, Selection, VisionSignals, register
 
 #: Tokens the published duplicate removal drops per step.
@@ -171,9 +171,8 @@ def _submatrix(matrix: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _from_signals(signals: VisionSignals, num_tokens: int, important_ratio: float = 0.5) -> Selection:
-    if signals.attention is None:
-        raise ValueError("method 'vispruner' needs the [CLS] attention, which this model does not provide")
-    return vispruner_selection(signals.features, signals.attention, num_tokens, important_ratio)
+    attention = require_signal(signals, "attention", "vispruner")
+    return vispruner_selection(signals.features, attention, num_tokens, important_ratio)
 
 
 METHOD = register(

@@ -1,0 +1,44 @@
+"""Hypothesis strategies shared by the method tests: random vision signals on small grids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from hypothesis import strategies as st
+
+from vispruner.methods import VisionSignals
+
+
+@dataclass
+class Problem:
+    signals: VisionSignals
+    num_tokens: int
+
+    def image(self, b: int) -> VisionSignals:
+        """The signals of image ``b`` alone, as a batch of one."""
+        s = self.signals
+        return VisionSignals(s.features[b : b + 1], s.attention[b : b + 1], s.keys[b : b + 1], s.grid)
+
+
+@st.composite
+def problems(draw, max_side: int = 9, max_extra_tokens: int = 3) -> Problem:
+    """B images on a rows x cols grid with features (B, N, C), attention (B, N) or (B, H, N),
+    keys (B, N, D) or (B, H, N, d), and a budget in 1 .. N + max_extra_tokens."""
+    batch = draw(st.integers(1, 3))
+    rows, cols = draw(st.integers(1, max_side)), draw(st.integers(1, max_side))
+    tokens = rows * cols
+    num_tokens = draw(st.integers(1, tokens + max_extra_tokens))
+    heads = draw(st.sampled_from([None, 1, 3]))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    features = torch.randn(batch, tokens, draw(st.integers(1, 8)), generator=generator)
+    attention = torch.rand((batch, tokens) if heads is None else (batch, heads, tokens), generator=generator)
+    key_dim = draw(st.integers(1, 6))
+    key_shape = (batch, tokens, key_dim) if heads is None else (batch, heads, tokens, key_dim)
+    keys = torch.randn(key_shape, generator=generator)
+    return Problem(VisionSignals(features, attention, keys, (rows, cols)), num_tokens)
+
+
+def scores(attention: torch.Tensor) -> torch.Tensor:
+    """(B, N) head-averaged scores of (B, N) or (B, H, N) attention."""
+    return attention.float().mean(1) if attention.ndim == 3 else attention.float()
