@@ -1,0 +1,66 @@
+"""DivPrune: the most diverse subset of patches, by greedy max-min cosine distance.
+
+Alvar et al., "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models",
+CVPR 2025, https://arxiv.org/abs/2503.02175
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_features, check_num_tokens
+from .base import Method, Selection, VisionSignals, register
+
+
+def divprune_selection(features: torch.Tensor, num_tokens: int) -> Selection:
+    """Choose ``min(num_tokens, N)`` mutually distant patches per image.
+
+    Args:
+        features: (B, N, C) patch features ([CLS] removed), any float dtype and device.
+        num_tokens: T >= 1 visual tokens to keep per image; T >= N keeps all N.
+
+    Returns:
+        A :class:`Selection` whose ``keep`` (B, N) bool has exactly ``min(T, N)`` True per row.
+
+    The distance is ``1 - cosine similarity``, computed once in float32 (a zero vector has
+    similarity 0 to everything, so distance 1, never NaN). The first token is the one farthest
+    from its nearest other token; each next token is the unchosen one whose distance to the
+    nearest chosen token is largest (max-min). A chosen token is never chosen again, so exactly
+    ``min(T, N)`` distinct tokens are kept even among exact duplicates; ties go to the lowest
+    index.
+    """
+    features = check_features(features)
+    batch, tokens, _ = features.shape
+    num_keep = min(check_num_tokens(num_tokens), tokens)
+    keep = torch.zeros(batch, tokens, dtype=torch.bool, device=features.device)
+    if num_keep == tokens:
+        return Selection(keep=keep.fill_(True))
+
+    unit = torch.nn.functional.normalize(features.float(), dim=-1)
+    # Largest distance = smallest similarity: work on similarities and skip forming 1 - s.
+    similarity = torch.bmm(unit, unit.transpose(1, 2))
+    # A token is not its own neighbour; the diagonal is never read again for an unchosen token.
+    similarity.diagonal(dim1=1, dim2=2).fill_(-torch.inf)
+    rows = torch.arange(batch, device=features.device)
+    first = similarity.amax(dim=2).argmin(dim=1)  # N >= 2 here: every token has a neighbour
+    keep[rows, first] = True
+    nearest = similarity[rows, first]  # (B, N): similarity of each token to its nearest chosen one
+    for _ in range(num_keep - 1):
+        pick = nearest.masked_fill(keep, torch.inf).argmin(dim=1)
+        keep[rows, pick] = True
+        nearest = torch.maximum(nearest, similarity[rows, pick])
+    return Selection(keep=keep)
+
+
+def _from_signals(signals: VisionSignals, num_tokens: int) -> Selection:
+    return divprune_selection(signals.features, num_tokens)
+
+
+METHOD = register(
+    Method(
+        name="divprune",
+        select=_from_signals,
+        paper="https://arxiv.org/abs/2503.02175",
+        summary="greedy max-min diversity on the cosine distance of the features",
+    )
+)
