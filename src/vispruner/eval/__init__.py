@@ -1,0 +1,1 @@
+"""Accuracy of pruning methods at several token budgets, on the testbed's held-out questions."""

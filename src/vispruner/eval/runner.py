@@ -1,0 +1,98 @@
+"""Accuracy of each method at each budget on held-out testbed questions, batched."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+from vispruner.testbed.scenes import Sample
+
+from .answering import answer
+from .budgets import Budget
+
+
+@dataclass(frozen=True)
+class Row:
+    method: str
+    budget: str  # as given
+    num_tokens: int
+    fraction: float
+    accuracy: float
+    retained: float  # accuracy / full-token accuracy
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def accuracy(
+    model: Any, processor: Any, samples: Sequence[Sample], batch_size: int, step: Callable[[int], None]
+) -> float:
+    """Share of ``samples`` answered right; calls ``step(k)`` after each batch of k."""
+    right = 0
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i : i + batch_size]
+        replies = answer(model, processor, [s.scene.render() for s in chunk], [s.question.text for s in chunk])
+        right += sum(reply == s.question.answer for reply, s in zip(replies, chunk))
+        step(len(chunk))
+    return right / len(samples)
+
+
+def evaluate(
+    model: Any,
+    processor: Any,
+    samples: Sequence[Sample],
+    methods: Sequence[str],
+    budgets: Sequence[Budget],
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = True,
+    **options: Any,
+) -> tuple[float, list[Row]]:
+    """Full-token accuracy and one :class:`Row` per (method, budget), in that order.
+
+    ``torch`` is reseeded with ``seed`` before every run, so random baselines repeat exactly.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    import vispruner
+
+    runs = 1 + len(methods) * len(budgets)
+    with tqdm(total=runs * len(samples), desc="eval", unit="q", disable=not progress) as bar:
+        torch.manual_seed(seed)
+        full = accuracy(model, processor, samples, batch_size, bar.update)
+        rows = []
+        for method in methods:
+            for budget in budgets:
+                bar.set_postfix_str(f"{method} {budget.given}")
+                torch.manual_seed(seed)
+                with vispruner.pruned(model, num_tokens=budget.num_tokens, method=method, **options):
+                    score = accuracy(model, processor, samples, batch_size, bar.update)
+                retained = score / full if full else float("nan")
+                rows.append(Row(method, budget.given, budget.num_tokens, budget.fraction, score, retained))
+    return full, rows
+
+
+def plot(rows: Sequence[Row], full: float, path: str, title: str = "") -> None:
+    """Accuracy against the share of visual tokens kept, one line per method, saved to ``path``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("plot needs matplotlib: pip install 'vispruner[plot]'") from error
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r.method for r in rows):
+        mine = sorted((r for r in rows if r.method == method), key=lambda r: r.fraction)
+        axes.plot([100 * r.fraction for r in mine], [100 * r.accuracy for r in mine], marker="o", label=method)
+    axes.axhline(100 * full, color="grey", linestyle="--", label="all tokens")
+    axes.set_xscale("log")
+    axes.set_xlabel("visual tokens kept (%)")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title(title)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,307 @@
+"""Train the testbed VLM from scratch, the way LLaVA was made, on CPU.
+
+    python -m vispruner.testbed.train [--out DIR] [--seed 0]
+
+Stage 1 trains the CLIP tower alone: heads on its [CLS] token predict which (colour, shape)
+pairs are present and how many objects there are, so that [CLS] attention has to find the
+objects (the signal VisPruner ranks patches by); a head on each patch names the object it shows.
+Stage 2 freezes the tower and trains the projector alone on the questions (LLaVA's alignment).
+Stage 3 trains projector and language model together on the questions, tower still frozen. The
+heads of stage 1 are thrown away; what is saved is a stock ``LlavaForConditionalGeneration``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .model import NUM_PATCHES, PATCH_SIZE, WEIGHTS, build_model, build_processor, prompt
+from .scenes import COLOURS, MAX_OBJECTS, QUESTION_TYPES, SHAPES, Scene, ask, held_out, make_scene
+
+PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
+GRID = int(math.isqrt(NUM_PATCHES))
+
+
+def pixels(processor, scenes: list[Scene]) -> torch.Tensor:
+    """(B, 3, H, W) pixel values exactly as the processor makes them at inference."""
+    return processor.image_processor([s.render() for s in scenes], return_tensors="pt")["pixel_values"]
+
+
+def tower_targets(scenes: list[Scene]) -> dict[str, torch.Tensor]:
+    """Targets of stage 1: presence (B, 18), object count (B,), per-patch object id (B, N), 0 = none."""
+    presence = torch.zeros(len(scenes), len(PAIRS))
+    count = torch.zeros(len(scenes), dtype=torch.long)
+    patch = torch.zeros(len(scenes), NUM_PATCHES, dtype=torch.long)
+    centres = (torch.arange(GRID) + 0.5) * PATCH_SIZE
+    for b, scene in enumerate(scenes):
+        count[b] = len(scene.objects)
+        best = torch.zeros(GRID, GRID)
+        for obj in scene.objects:
+            index = PAIRS.index((obj.colour, obj.shape))
+            presence[b, index] = 1
+            # Share of each patch covered by the object's box; a patch names the object covering most of it.
+            half = obj.size / 2
+            ox = ((centres + PATCH_SIZE / 2).clamp(max=obj.x + half) - (centres - PATCH_SIZE / 2).clamp(min=obj.x - half)).clamp(min=0)
+            oy = ((centres + PATCH_SIZE / 2).clamp(max=obj.y + half) - (centres - PATCH_SIZE / 2).clamp(min=obj.y - half)).clamp(min=0)
+            cover = (oy[:, None] * ox[None, :]) / PATCH_SIZE**2
+            take = (cover > best) & (cover > 0.15)
+            best = torch.where(take, cover, best)
+            patch[b] = torch.where(take.flatten(), index + 1, patch[b])
+    return {"presence": presence, "count": count, "patch": patch}
+
+
+class TowerHeads(nn.Module):
+    """Stage-1 heads: on [CLS] (presence, count) and on every patch (which object, if any)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.presence = nn.Linear(width, len(PAIRS))
+        self.count = nn.Linear(width, MAX_OBJECTS + 1)
+        self.patch = nn.Linear(width, len(PAIRS) + 1)
+
+    def loss(self, out, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        cls = out.pooler_output
+        patches = out.last_hidden_state[:, 1:]
+        presence = F.binary_cross_entropy_with_logits(self.presence(cls), targets["presence"])
+        count = F.cross_entropy(self.count(cls), targets["count"])
+        patch_logits = self.patch(patches)
+        patch = F.cross_entropy(patch_logits.flatten(0, 1), targets["patch"].flatten())
+        stats = {
+            "presence_acc": ((self.presence(cls) > 0) == targets["presence"].bool()).float().mean().item(),
+            "count_acc": (self.count(cls).argmax(-1) == targets["count"]).float().mean().item(),
+            "patch_acc": (patch_logits.argmax(-1) == targets["patch"]).float().mean().item(),
+        }
+        return presence + count + patch, stats
+
+
+def cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_tower(model, processor, steps: int, batch: int, lr: float, seed: int, log) -> None:
+    tower = model.model.vision_tower
+    heads = TowerHeads(tower.config.hidden_size)
+    params = list(tower.parameters()) + list(heads.parameters())
+    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    tower.train()
+    rng = random.Random(seed)
+    for step in range(steps):
+        scenes = [make_scene(rng.randrange(HELD_OUT_LIMIT)) for _ in range(batch)]
+        out = tower(pixel_values=pixels(processor, scenes))
+        loss, stats = heads.loss(out, tower_targets(scenes))
+        for group in optimiser.param_groups:
+            group["lr"] = lr * cosine(step, steps, 50)
+        optimiser.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimiser.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"tower {step:5d}/{steps} loss {loss.item():.3f} " + " ".join(f"{k} {v:.3f}" for k, v in stats.items()))
+    tower.eval()
+
+
+#: Training scene seeds are drawn below this; held-out ones (scenes.HELD_OUT_START) lie above.
+HELD_OUT_LIMIT = 5_000_000
+
+
+@torch.no_grad()
+def image_features(model, processor, scenes: list[Scene], chunk: int = 256) -> torch.Tensor:
+    """(S, N, C) frozen-tower features at the layer the projector reads, stored as float16."""
+    tower = model.model.vision_tower
+    layer = model.config.vision_feature_layer
+    parts = []
+    for i in range(0, len(scenes), chunk):
+        out = tower(pixel_values=pixels(processor, scenes[i : i + chunk]), output_hidden_states=True)
+        parts.append(out.hidden_states[layer][:, 1:].to(torch.float16))
+    return torch.cat(parts)
+
+
+class QuestionBatcher:
+    """Token ids of the chat prompt with the image expanded, built once per question text."""
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_id = self.tokenizer.convert_tokens_to_ids("<image>")
+        self.cache: dict[str, list[int]] = {}
+
+    def ids(self, question: str) -> list[int]:
+        if question not in self.cache:
+            ids = self.tokenizer(prompt(self.processor, question), add_special_tokens=True)["input_ids"]
+            position = ids.index(self.image_id)
+            self.cache[question] = ids[:position] + [self.image_id] * NUM_PATCHES + ids[position + 1 :]
+        return self.cache[question]
+
+    def build(self, questions: list[str], answers: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded ids, attention mask and labels (only the answer word and </s> count)."""
+        rows = [self.ids(q) for q in questions]
+        answer_ids = self.tokenizer.convert_tokens_to_ids(answers)
+        length = max(len(r) for r in rows) + 2
+        ids = torch.full((len(rows), length), self.tokenizer.pad_token_id)
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        labels = torch.full((len(rows), length), -100)
+        for b, (row, answer) in enumerate(zip(rows, answer_ids)):
+            full = row + [answer, self.tokenizer.eos_token_id]
+            ids[b, : len(full)] = torch.tensor(full)
+            mask[b, : len(full)] = 1
+            labels[b, len(row) : len(full)] = torch.tensor(full[len(row) :])
+        return ids, mask, labels
+
+
+def language_logits(model, ids: torch.Tensor, mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Logits of the stock model on precomputed tower features: the same path as ``forward``."""
+    embeds = model.get_input_embeddings()(ids)
+    image = model.model.multi_modal_projector(features.float())
+    slots = ids == model.config.image_token_index
+    embeds = embeds.masked_scatter(slots[..., None], image.to(embeds.dtype))
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    return model.lm_head(hidden)
+
+
+def sample_questions(scenes: list[Scene], indices: list[int], rng: random.Random):
+    return [ask(scenes[i], rng.choice(QUESTION_TYPES), rng) for i in indices]
+
+
+def answer_prior(scenes: list[Scene], rng: random.Random, n: int = 4000) -> dict[str, float]:
+    """Accuracy of always giving the commonest answer of each question type."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for question in sample_questions(scenes, [rng.randrange(len(scenes)) for _ in range(n)], rng):
+        counts[question.kind][question.answer] += 1
+    return {kind: c.most_common(1)[0][1] / sum(c.values()) for kind, c in counts.items()}
+
+
+@torch.no_grad()
+def evaluate_features(model, batcher, features, questions) -> dict[str, float]:
+    """Per-type accuracy of the first answer word on precomputed features."""
+    right: dict[str, list[bool]] = defaultdict(list)
+    for i in range(0, len(questions), 256):
+        qs = questions[i : i + 256]
+        ids, mask, labels = batcher.build([q.text for q in qs], [q.answer for q in qs])
+        logits = language_logits(model, ids, mask, features[i : i + 256])
+        first = (labels != -100).float().argmax(-1)
+        rows = torch.arange(len(qs))
+        predicted = logits[rows, first - 1].argmax(-1)
+        for q, ok in zip(qs, (predicted == labels[rows, first]).tolist()):
+            right[q.kind].append(ok)
+    accuracy = {k: sum(v) / len(v) for k, v in sorted(right.items())}
+    accuracy["all"] = sum(sum(v) for v in right.values()) / len(questions)
+    return accuracy
+
+
+def train_language(model, batcher, features, scenes, val, steps, batch, lr, seed, params, name, log) -> None:
+    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    model.model.language_model.train()
+    for step in range(steps):
+        indices = [rng.randrange(len(scenes)) for _ in range(batch)]
+        questions = sample_questions(scenes, indices, rng)
+        ids, mask, labels = batcher.build([q.text for q in questions], [q.answer for q in questions])
+        logits = language_logits(model, ids, mask, features[indices])
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        for group in optimiser.param_groups:
+            group["lr"] = lr * cosine(step, steps, 100)
+        optimiser.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimiser.step()
+        if step % 100 == 0 or step == steps - 1:
+            line = f"{name} {step:5d}/{steps} loss {loss.item():.3f}"
+            if step % 500 == 0 or step == steps - 1:
+                model.eval()
+                line += " held-out " + " ".join(f"{k} {v:.3f}" for k, v in evaluate_features(model, batcher, *val).items())
+                model.model.language_model.train()
+            log(line)
+    model.eval()
+
+
+def train(
+    out: Path,
+    seed: int = 0,
+    tower_steps: int = 400,
+    align_steps: int = 200,
+    language_steps: int = 2400,
+    batch: int = 64,
+    language_batch: int = 32,
+    train_scenes: int = 16000,
+    val_size: int = 1000,
+    log=print,
+) -> dict[str, float]:
+    """Train all stages and save the model and processor to ``out``; returns held-out accuracy."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    start = time.perf_counter()
+    processor = build_processor()
+    model = build_model(processor, seed)
+    log(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
+
+    train_tower(model, processor, tower_steps, batch, 2e-3, seed, log)
+    tower_time = time.perf_counter() - start
+    log(f"stage 1 (tower) took {tower_time / 60:.1f} min")
+    model.model.vision_tower.requires_grad_(False)
+
+    rng = random.Random(seed + 1)
+    scenes = [make_scene(rng.randrange(HELD_OUT_LIMIT)) for _ in range(train_scenes)]
+    features = image_features(model, processor, scenes)
+    val_samples = held_out(val_size, seed=seed + 1)
+    val_features = image_features(model, processor, [s.scene for s in val_samples])
+    val = (val_features, [s.question for s in val_samples])
+    prior = answer_prior(scenes, random.Random(seed + 2))
+    log("answer prior per type: " + " ".join(f"{k} {v:.3f}" for k, v in sorted(prior.items())))
+    batcher = QuestionBatcher(processor)
+
+    projector = list(model.model.multi_modal_projector.parameters())
+    train_language(model, batcher, features, scenes, val, align_steps, language_batch, 2e-3, seed + 3, projector, "align", log)
+    everything = projector + list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
+    train_language(model, batcher, features, scenes, val, language_steps, language_batch, 2e-3, seed + 4, everything, "tune", log)
+    accuracy = evaluate_features(model, batcher, *val)
+    minutes = (time.perf_counter() - start) / 60
+    log(f"training took {minutes:.1f} min; held-out accuracy " + " ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return {**accuracy, "minutes": minutes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vispruner.testbed.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=WEIGHTS, help="folder to save to (default: the package's weights)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tower-steps", type=int, default=400)
+    parser.add_argument("--align-steps", type=int, default=200)
+    parser.add_argument("--language-steps", type=int, default=2400)
+    parser.add_argument("--batch", type=int, default=64, help="images per step of stage 1")
+    parser.add_argument("--language-batch", type=int, default=32, help="questions per step of stages 2 and 3")
+    parser.add_argument("--train-scenes", type=int, default=16000)
+    parser.add_argument("--val-size", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    train(
+        args.out,
+        seed=args.seed,
+        tower_steps=args.tower_steps,
+        align_steps=args.align_steps,
+        language_steps=args.language_steps,
+        batch=args.batch,
+        language_batch=args.language_batch,
+        train_scenes=args.train_scenes,
+        val_size=args.val_size,
+        log=lambda line: print(line, flush=True),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
