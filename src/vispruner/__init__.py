@@ -17,6 +17,10 @@ _LAZY = {
     "VisionSignals": "vispruner.methods.base",
     "available_methods": "vispruner.methods",
     "get_method": "vispruner.methods",
+    "apply": "vispruner.api",
+    "remove": "vispruner.api",
+    "pruned": "vispruner.api",
+    "last_selection": "vispruner.api",
 }
 
 
