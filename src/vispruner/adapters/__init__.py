@@ -1,0 +1,32 @@
+"""Model families that :func:`vispruner.apply` can patch, looked up by ``config.model_type``.
+
+One thin module per family describes what differs (crops per image, token packing); the shared
+machinery is in :mod:`.vision_stage` (hooks and wrappers), :mod:`.sequence` (compaction) and
+:mod:`.patching` (reversible per-instance wrapping).
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .vision_stage import Family
+
+#: config.model_type -> module defining FAMILY.
+FAMILIES = {
+    "llava": "vispruner.adapters.llava",
+    "llava_next": "vispruner.adapters.llava_next",
+}
+SUPPORTED = "LLaVA-1.5 (LlavaForConditionalGeneration), LLaVA-NeXT (LlavaNextForConditionalGeneration)"
+
+
+def family_for(model: object) -> "Family":
+    """The family of ``model``; ``TypeError`` listing the supported families otherwise."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    module = FAMILIES.get(model_type)
+    if module is not None:
+        family = import_module(module).FAMILY
+        if isinstance(model, family.model_class):
+            return family
+    raise TypeError(f"vispruner supports {SUPPORTED}; got {type(model).__name__}")

@@ -1,0 +1,163 @@
+"""Shortening a batch of token sequences, and keeping a KV cache built from the short one usable.
+
+These helpers know nothing about images or models: given which tokens to keep, they compact the
+tensors that run along the sequence (ids, embeddings, mask, positions, labels), and translate the
+full-length mask and positions that ``generate()`` (or a hand-written decode loop) keeps passing
+after the prefill into the compacted coordinates of the cache. Vision-stage pruning uses them
+before the language model; an LLM-stage method can use them between two decoder layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: Label value that the loss ignores, the Hugging Face convention.
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CompactedPrefix:
+    """How a compacted prefill maps onto the full-length sequence the caller still holds.
+
+    Attributes:
+        length: L, the length of the full prefill sequence.
+        attention_mask: (B, L') 2D mask of the compacted prefill (padding added on the left is 0).
+        removed: (B,) tokens removed from each row (its kept tokens number ``L - removed``).
+    """
+
+    length: int
+    attention_mask: torch.Tensor
+    removed: torch.Tensor
+
+    def mask(self, attention_mask: torch.Tensor | None, past_length: int, new_tokens: int) -> torch.Tensor | None:
+        """The compacted 2D mask for a step that adds ``new_tokens`` to a cache of ``past_length``.
+
+        ``attention_mask`` is the caller's full-length 2D mask (prefill columns followed by one
+        column per token since), or None when the caller dropped an all-ones mask.
+        """
+        if attention_mask is None:
+            if bool(self.attention_mask.all()):
+                return None
+            extra = past_length + new_tokens - self.attention_mask.shape[1]
+            ones = self.attention_mask.new_ones(self.attention_mask.shape[0], extra)
+            return torch.cat([self.attention_mask, ones], dim=1)
+        if attention_mask.ndim != 2:
+            raise NotImplementedError(
+                "after a pruned prefill, attention_mask must be the 2D (batch, length) padding mask; "
+                f"got shape {tuple(attention_mask.shape)}"
+            )
+        if attention_mask.shape[1] < self.length:
+            raise ValueError(
+                f"attention_mask must cover the whole prompt ({self.length} columns) plus the tokens "
+                f"generated since; got {attention_mask.shape[1]} columns"
+            )
+        tail = attention_mask[:, self.length :].to(self.attention_mask.dtype)
+        return torch.cat([self.attention_mask, tail], dim=1)
+
+    def positions(self, position_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """The caller's positions for tokens after the prefill, moved back over the removed tokens."""
+        if position_ids is None:
+            return None
+        return position_ids - self.removed.to(position_ids.device).unsqueeze(1)
+
+
+@dataclass
+class CompactedSequence:
+    """A batch with some tokens removed, each row's kept tokens right-aligned (left padding).
+
+    Attributes:
+        keep: (B, L) bool, the tokens kept from the input.
+        input_ids, inputs_embeds, labels: compacted counterparts of the inputs (None if not given).
+        attention_mask: (B, L') mask; None only when no mask was given and no row needed padding.
+        position_ids: (B, L') positions of the kept tokens, each moved back by the number of
+            tokens removed before it; None only when neither a mask nor positions were given and
+            no row needed padding (the model's own 0..L'-1 are then right).
+        prefix: what decode steps after this prefill need, see :class:`CompactedPrefix`.
+    """
+
+    keep: torch.Tensor
+    input_ids: torch.Tensor | None
+    inputs_embeds: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    labels: torch.Tensor | None
+    prefix: CompactedPrefix
+
+
+def compact(
+    keep: torch.Tensor,
+    *,
+    input_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    pad_token_id: int = 0,
+) -> CompactedSequence:
+    """Remove the tokens where ``keep`` is False and left-pad the rows back to a common length.
+
+    Args:
+        keep: (B, L) bool; every row must keep at least one token.
+        input_ids: (B, L) token ids; new padding gets ``pad_token_id``.
+        inputs_embeds: (B, L, D) embeddings; new padding gets zeros.
+        attention_mask: (B, L) 2D padding mask (1 = attend); new padding gets 0.
+        position_ids: (B, L) positions; default 0..L-1, as a decoder assigns without a cache.
+        labels: (B, L) targets; new padding gets -100.
+
+    Kept tokens keep their order. Positions are compacted: a kept token's position drops by the
+    number of removed tokens before it, so the language model sees the short sequence as if it
+    had been the prompt (text after a pruned image does not keep the image's positions).
+    """
+    if keep.ndim != 2 or keep.dtype != torch.bool:
+        raise ValueError(f"keep must be a (B, L) bool tensor; got dtype {keep.dtype}, shape {tuple(keep.shape)}")
+    batch, length = keep.shape
+    counts = keep.sum(dim=1)
+    if bool((counts == 0).any()):
+        raise ValueError("keep must keep at least one token in every row")
+    new_length = int(counts.max())
+    padded = bool((counts != new_length).any())
+
+    # Column of each kept token in the output: rows are right-aligned.
+    target = keep.long().cumsum(dim=1) - 1 + (new_length - counts).unsqueeze(1)
+    rows, cols = keep.nonzero(as_tuple=True)
+    source = torch.full((batch, new_length), -1, dtype=torch.long, device=keep.device)
+    source[rows, target[rows, cols]] = cols
+    is_pad = source < 0
+    source.clamp_(min=0)
+
+    def take(values: torch.Tensor | None, fill: float) -> torch.Tensor | None:
+        if values is None:
+            return None
+        if values.shape[:2] != (batch, length):
+            raise ValueError(f"tensors to compact must start with (B, L) = {(batch, length)}; got {tuple(values.shape)}")
+        trailing = values.shape[2:]
+        index = source.to(values.device).view(batch, new_length, *([1] * len(trailing))).expand(-1, -1, *trailing)
+        out = torch.gather(values, 1, index)
+        pad = is_pad.to(values.device).view(batch, new_length, *([1] * len(trailing)))
+        return out.masked_fill(pad, fill) if padded else out
+
+    needs_mask = attention_mask is not None or padded
+    base_mask = attention_mask if attention_mask is not None else torch.ones_like(keep, dtype=torch.long)
+    new_mask = take(base_mask, 0)
+
+    new_positions = None
+    if needs_mask or position_ids is not None:
+        if position_ids is not None and position_ids.ndim != 2:
+            raise ValueError(f"position_ids must be (B, L); got shape {tuple(position_ids.shape)}")
+        base = position_ids
+        if base is None:
+            base = torch.arange(length, device=keep.device).expand(batch, length)
+        removed_before = (~keep).long().cumsum(dim=1).to(base.device)
+        new_positions = take(base - removed_before, 0)
+
+    return CompactedSequence(
+        keep=keep,
+        input_ids=take(input_ids, pad_token_id),
+        inputs_embeds=take(inputs_embeds, 0.0),
+        attention_mask=new_mask if needs_mask else None,
+        position_ids=new_positions,
+        labels=take(labels, IGNORE_INDEX),
+        prefix=CompactedPrefix(length=length, attention_mask=new_mask, removed=length - counts),
+    )

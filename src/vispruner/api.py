@@ -1,0 +1,126 @@
+"""Plug-and-play pruning for Hugging Face models: ``apply``, ``remove``, ``pruned``, ``last_selection``."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator, TypeVar
+
+if TYPE_CHECKING:
+    from .adapters.vision_stage import ImageSelection
+
+Model = TypeVar("Model")
+
+#: The default of ``important_ratio``; other values go only to methods that take the option.
+DEFAULT_IMPORTANT_RATIO = 0.5
+
+
+def apply(
+    model: Model,
+    num_tokens: int = 64,
+    important_ratio: float = DEFAULT_IMPORTANT_RATIO,
+    method: str = "vispruner",
+    *,
+    budget: str = "per_crop",
+    **options: Any,
+) -> Model:
+    """Prune the visual tokens of ``model`` (this instance only) and return it.
+
+    Args:
+        model: a ``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration``.
+        num_tokens: visual tokens kept per crop (``budget="per_crop"``) or per image
+            (``"per_image"``); LLaVA-1.5 has one crop per image. At least the number of patches
+            (576 at 336 px) reproduces the unpatched model exactly.
+        important_ratio: share of ``num_tokens`` chosen by [CLS] attention, for methods that take
+            it (VisPruner); any other method raises ``ValueError`` for a value other than 0.5.
+        method: a registered method (``vispruner methods`` lists them).
+        budget: LLaVA-NeXT only: ``"per_crop"`` (the authors' setting: ``num_tokens`` for the base
+            image and for each high-resolution crop) or ``"per_image"`` (``num_tokens`` for the
+            whole image, shared over its crops). Both mean the same for LLaVA-1.5.
+        **options: the method's own options, checked against ``Method.options``.
+
+    Applying again replaces the earlier patch; :func:`remove` undoes it. Raises ``TypeError`` for
+    an unsupported model and ``ValueError`` for a bad argument.
+    """
+    from .adapters import family_for
+    from .adapters.vision_stage import BUDGETS, Settings, VisionStagePruner
+    from .methods import check_options, get_method
+    from .methods._checks import check_num_tokens, check_ratio
+
+    family = family_for(model)
+    chosen = get_method(method)
+    num_tokens = check_num_tokens(num_tokens)
+    check_options(chosen, options)
+    important_ratio = check_ratio(important_ratio, "important_ratio")
+    if "important_ratio" in chosen.options:
+        options = {**options, "important_ratio": important_ratio}
+    elif important_ratio != DEFAULT_IMPORTANT_RATIO:
+        takers = ", ".join(sorted(_methods_taking("important_ratio"))) or "none"
+        raise ValueError(
+            f"important_ratio is an option of methods {takers}, not of {chosen.name!r}; leave it at "
+            f"{DEFAULT_IMPORTANT_RATIO}"
+        )
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {', '.join(map(repr, BUDGETS))}; got {budget!r}")
+    if chosen.stage != "vision":
+        raise NotImplementedError(
+            f"method {chosen.name!r} prunes inside the language model (stage {chosen.stage!r}); "
+            "vispruner.apply supports vision-stage methods only for now"
+        )
+
+    remove(model)
+    VisionStagePruner(model, family, Settings(chosen, num_tokens, options, budget)).install()
+    return model
+
+
+def remove(model: Model) -> Model:
+    """Undo :func:`apply` on ``model`` (a no-op if it is not patched) and return it."""
+    pruner = _pruner(model)
+    if pruner is not None:
+        pruner.remove()
+    return model
+
+
+@contextmanager
+def pruned(
+    model: Model,
+    num_tokens: int = 64,
+    important_ratio: float = DEFAULT_IMPORTANT_RATIO,
+    method: str = "vispruner",
+    *,
+    budget: str = "per_crop",
+    **options: Any,
+) -> Iterator[Model]:
+    """``with vispruner.pruned(model, 64): ...``: :func:`apply` for the block, then the model as it was."""
+    before = _pruner(model)
+    apply(model, num_tokens, important_ratio, method, budget=budget, **options)
+    try:
+        yield model
+    finally:
+        remove(model)
+        if before is not None:
+            before.install()
+
+
+def last_selection(model: object) -> "list[ImageSelection] | None":
+    """Per image, the patches kept at the model's last pruned forward (None before the first).
+
+    Each :class:`~vispruner.adapters.vision_stage.ImageSelection` has ``keep`` and ``important``
+    as (crops, N) bool masks over the patch grid ``grid``, and the kept, important and diverse
+    patch indices of each crop. ``ValueError`` if ``model`` is not patched.
+    """
+    pruner = _pruner(model)
+    if pruner is None:
+        raise ValueError("model is not patched; call vispruner.apply(model, ...) first")
+    return pruner.last
+
+
+def _pruner(model: object) -> Any:
+    from .adapters.vision_stage import PRUNER
+
+    return vars(model).get(PRUNER) if hasattr(model, "__dict__") else None
+
+
+def _methods_taking(option: str) -> list[str]:
+    from .methods import available_methods, get_method
+
+    return [name for name in available_methods() if option in get_method(name).options]
