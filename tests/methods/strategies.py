@@ -24,7 +24,7 @@ class Problem:
 @st.composite
 def problems(draw, max_side: int = 9, max_extra_tokens: int = 3) -> Problem:
     """B images on a rows x cols grid with features (B, N, C), attention (B, N) or (B, H, N),
-    keys (B, N, D) or (B, H, N, d), and a budget in 1 .. N + max_extra_tokens."""
+    keys (B, N, D) or (B, N, H, d), and a budget in 1 .. N + max_extra_tokens."""
     batch = draw(st.integers(1, 3))
     rows, cols = draw(st.integers(1, max_side)), draw(st.integers(1, max_side))
     tokens = rows * cols
@@ -34,7 +34,7 @@ def problems(draw, max_side: int = 9, max_extra_tokens: int = 3) -> Problem:
     features = torch.randn(batch, tokens, draw(st.integers(1, 8)), generator=generator)
     attention = torch.rand((batch, tokens) if heads is None else (batch, heads, tokens), generator=generator)
     key_dim = draw(st.integers(1, 6))
-    key_shape = (batch, tokens, key_dim) if heads is None else (batch, heads, tokens, key_dim)
+    key_shape = (batch, tokens, key_dim) if heads is None else (batch, tokens, heads, key_dim)
     keys = torch.randn(key_shape, generator=generator)
     return Problem(VisionSignals(features, attention, keys, (rows, cols)), num_tokens)
 

@@ -54,7 +54,7 @@ def _cosine(u, v):
 
 
 def _metric(keys):
-    return keys.float().mean(1) if keys.ndim == 4 else keys.float()
+    return keys.float().mean(2) if keys.ndim == 4 else keys.float()
 
 
 @settings(max_examples=100, deadline=None)
@@ -97,7 +97,7 @@ def test_zero_keys_give_no_nan():
 
 def test_keeping_everything_leaves_features_unchanged():
     features = torch.randn(2, 16, 4)
-    selection = visionzip_selection(features, torch.rand(2, 16), torch.randn(2, 2, 16, 3), 16)
+    selection = visionzip_selection(features, torch.rand(2, 16), torch.randn(2, 16, 2, 3), 16)
     assert selection.keep.all()
     assert selection.features is None or torch.equal(selection.features, features)
 
@@ -118,10 +118,10 @@ F, A = torch.randn(2, 10, 4), torch.rand(2, 10)
     "keys,message",
     [
         (None, r"keys must be a torch.Tensor"),
-        (torch.randn(10, 3), r"keys must have shape \(B, N, D\) or \(B, H, N, d\)"),
+        (torch.randn(10, 3), r"keys must have shape \(B, N, D\) or \(B, N, H, d\)"),
         (torch.ones(2, 10, 3, dtype=torch.long), r"keys must be a floating-point"),
         (torch.randn(3, 10, 3), r"keys batch size must equal the features' batch size 2"),
-        (torch.randn(2, 2, 11, 3), r"keys token dimension must equal the number of patches N=10"),
+        (torch.randn(2, 11, 2, 3), r"keys second dimension must equal the number of patches N=10"),
         (torch.randn(2, 10, 0), r"keys must have at least one head and one channel"),
         (torch.full((2, 10, 3), math.inf), r"keys must be finite"),
     ],

@@ -29,8 +29,9 @@ def visionzip_selection(
         features: (B, N, C) patch features of the layer that feeds the projector ([CLS] removed).
         attention: (B, N) [CLS]-to-patch scores, or (B, H, N) per-head [CLS] attention, which is
             averaged over heads.
-        keys: (B, H, N, d) per-head attention keys of that layer, averaged over heads as the
-            authors do, or (B, N, D) keys used as they are.
+        keys: (B, N, H, d) per-head attention keys of that layer (the key projection's output
+            before scaling), averaged over heads as the authors do, or (B, N, D) keys used as
+            they are.
         num_tokens: T >= 1 visual tokens to keep per image; T >= N keeps all N unchanged.
         contextual_ratio: in [0, 1]; of the ``K = min(T, N)`` kept tokens,
             ``int(K * contextual_ratio)`` are contextual and the rest dominant. The default
@@ -97,22 +98,22 @@ def _rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _check_keys(keys: object, batch: int, tokens: int) -> torch.Tensor:
-    """Validate (B, N, D) or (B, H, N, d) keys; return (B, N, D) float32 (heads averaged)."""
+    """Validate (B, N, D) or (B, N, H, d) keys; return (B, N, D) float32 (heads averaged)."""
     if not isinstance(keys, torch.Tensor):
-        raise ValueError(f"keys must be a torch.Tensor of shape (B, N, D) or (B, H, N, d); got {type(keys).__name__}")
+        raise ValueError(f"keys must be a torch.Tensor of shape (B, N, D) or (B, N, H, d); got {type(keys).__name__}")
     if keys.ndim not in (3, 4):
-        raise ValueError(f"keys must have shape (B, N, D) or (B, H, N, d) (rank 3 or 4); got shape {tuple(keys.shape)}")
+        raise ValueError(f"keys must have shape (B, N, D) or (B, N, H, d) (rank 3 or 4); got shape {tuple(keys.shape)}")
     if not keys.is_floating_point():
         raise ValueError(f"keys must be a floating-point tensor; got dtype {keys.dtype}")
     if keys.shape[0] != batch:
         raise ValueError(f"keys batch size must equal the features' batch size {batch}; got {keys.shape[0]}")
-    if keys.shape[-2] != tokens:
-        raise ValueError(f"keys token dimension must equal the number of patches N={tokens}; got {keys.shape[-2]}")
-    if keys.shape[-1] < 1 or (keys.ndim == 4 and keys.shape[1] < 1):
+    if keys.shape[1] != tokens:
+        raise ValueError(f"keys second dimension must equal the number of patches N={tokens}; got {keys.shape[1]}")
+    if keys.shape[-1] < 1 or (keys.ndim == 4 and keys.shape[2] < 1):
         raise ValueError(f"keys must have at least one head and one channel; got shape {tuple(keys.shape)}")
     check_finite(keys, "keys")
     metric = keys.float()
-    return metric.mean(dim=1) if metric.ndim == 4 else metric
+    return metric.mean(dim=2) if metric.ndim == 4 else metric
 
 
 def _from_signals(signals: VisionSignals, num_tokens: int, contextual_ratio: float = CONTEXTUAL_RATIO) -> Selection:
