@@ -42,6 +42,15 @@ PREFIX = "_vispruner_prefix"
 
 BUDGETS = ("per_crop", "per_image")
 
+#: generate() settings that re-run or slice the prompt in ways a pruned cache cannot follow.
+UNSUPPORTED_GENERATE = {
+    "assistant_model": "assisted generation",
+    "prompt_lookup_num_tokens": "prompt lookup decoding",
+    "assistant_early_exit": "self-speculative (early-exit) decoding",
+    "use_mtp": "multi-token-prediction decoding",
+    "prefill_chunk_size": "chunked prefill",
+}
+
 
 @dataclass(frozen=True)
 class Family:
@@ -129,6 +138,7 @@ class VisionStagePruner:
 
         self._patch.wrap(self.model.model, "get_image_features", self._get_image_features)
         self._patch.wrap(self.model, "forward", self._forward)
+        self._patch.wrap(self.model, "generate", self._generate)
         stock = getattr(self.model, "create_masks_for_generate", create_masks_for_generate)
         self._patch.wrap(self.model, "create_masks_for_generate", self._masks_for_generate, original=stock)
         setattr(self.model, PRUNER, self)
@@ -249,6 +259,20 @@ class VisionStagePruner:
         return keep, important, replaced
 
     # -- language side ---------------------------------------------------------------------
+
+    def _generate(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        arguments = bind_arguments(original, args, kwargs)
+        if arguments.get("pixel_values") is not None or arguments.get("mm_encoder_outputs") is not None:
+            config = arguments.get("generation_config") or self.model.generation_config
+            for name, feature in UNSUPPORTED_GENERATE.items():
+                value = arguments[name] if name in arguments else getattr(config, name, None)
+                if value is not None and value is not False:
+                    shown = repr(value) if isinstance(value, (int, float, str)) else type(value).__name__
+                    raise NotImplementedError(
+                        f"{feature} ({name}={shown}) is not supported on a pruned model with images; "
+                        "leave it unset, or vispruner.remove(model) first"
+                    )
+        return original(*args, **kwargs)
 
     def _forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         arguments = bind_arguments(original, args, kwargs)

@@ -1,0 +1,197 @@
+"""A step-by-step reference for pruned LLaVA and LLaVA-NeXT, sharing no code with the adapters.
+
+It computes the vision features with ``output_hidden_states``, the [CLS] attention from an eager
+copy of the model with ``output_attentions``, the keys by running the layer's own norm and key
+projection, calls the registered method on them, lays out LLaVA-NeXT's anyres tokens by hand
+(base image, unpadded grid, a newline per row), and runs the language model on one unpadded
+sequence at a time, without a cache, decoding greedily by re-running the whole sequence.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import LlavaNextForConditionalGeneration
+from transformers.image_processing_utils import select_best_resolution
+
+from vispruner.methods import VisionSignals, get_method
+
+
+@dataclass
+class ReferenceImage:
+    keep: torch.Tensor  # (crops, N) bool
+    important: torch.Tensor | None
+    tokens: torch.Tensor  # (kept tokens, D): what the image contributes to the prompt, in order
+
+
+def _crops(model, pixel_values: torch.Tensor, image_sizes) -> list[torch.Tensor]:
+    """Pixel values of each image's crops, (crops, 3, H, W), base image first."""
+    if not isinstance(model, LlavaNextForConditionalGeneration):
+        return [image.unsqueeze(0) for image in pixel_values]
+    side = model.config.vision_config.image_size
+    crops = []
+    for image, (height, width) in zip(pixel_values, image_sizes.tolist()):
+        best_h, best_w = select_best_resolution((height, width), model.config.image_grid_pinpoints)
+        crops.append(image[: 1 + (best_h // side) * (best_w // side)])
+    return crops
+
+
+def vision_signals(model, crops: torch.Tensor, need_keys: bool):
+    """features (c, N, C), head-averaged [CLS] attention (c, N) and keys (c, N, D) of the feature layer."""
+    tower = model.model.vision_tower
+    layer = model.config.vision_feature_layer
+    count = len(tower.encoder.layers)
+    hidden_index = layer if layer >= 0 else count + 1 + layer
+    with torch.no_grad():
+        states = tower(crops, output_hidden_states=True).hidden_states
+        eager = copy.deepcopy(tower)
+        eager.set_attn_implementation("eager")
+        attentions = eager(crops, output_attentions=True).attentions
+        keys = None
+        if need_keys:
+            block = tower.encoder.layers[hidden_index - 1]
+            keys = block.self_attn.k_proj(block.layer_norm1(states[hidden_index - 1]))[:, 1:]
+    features = states[hidden_index][:, 1:]
+    attention = attentions[hidden_index - 1][:, :, 0, 1:].mean(dim=1)
+    return features, attention, keys
+
+
+def _layout(model, crops: int, image_size) -> list[tuple[int, int] | None]:
+    """LLaVA-NeXT token order of one image: (crop, patch) per token, None for a newline."""
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    tokens: list[tuple[int, int] | None] = [(0, p) for p in range(side * side)]
+    if crops == 1:
+        return tokens + [None]
+    height, width = image_size
+    best_h, best_w = select_best_resolution((height, width), model.config.image_grid_pinpoints)
+    crop_px = model.config.vision_config.image_size
+    grid_rows, grid_cols = best_h // crop_px, best_w // crop_px
+    rows, cols = grid_rows * side, grid_cols * side
+    # Unpadding: the resized image is centred in the (rows x cols) grid; drop the padded bands.
+    row_range, col_range = range(rows), range(cols)
+    if width / height > cols / rows:
+        kept = int(round(height * (cols / width), 7))
+        pad = (rows - kept) // 2
+        row_range = range(pad, rows - pad)
+    else:
+        kept = int(round(width * (rows / height), 7))
+        pad = (cols - kept) // 2
+        col_range = range(pad, cols - pad)
+    for r in row_range:
+        for c in col_range:
+            crop = 1 + (r // side) * grid_cols + c // side
+            tokens.append((crop, (r % side) * side + c % side))
+        tokens.append(None)
+    return tokens
+
+
+def reference_images(
+    model,
+    pixel_values: torch.Tensor,
+    image_sizes=None,
+    num_tokens: int = 64,
+    method: str = "vispruner",
+    budget: str = "per_crop",
+    **options,
+) -> list[ReferenceImage]:
+    """Per image: the crop keep masks and the kept token embeddings, computed step by step."""
+    chosen = get_method(method)
+    images = []
+    for index, crops in enumerate(_crops(model, pixel_values, image_sizes)):
+        features, attention, keys = vision_signals(model, crops, "keys" in chosen.needs)
+        count, patches = features.shape[:2]
+        side = int(patches**0.5)
+        if budget == "per_image":
+            signals = VisionSignals(
+                features.reshape(1, count * patches, -1),
+                attention.reshape(1, -1),
+                None if keys is None else keys.reshape(1, count * patches, -1),
+                (count * side, side),
+            )
+        else:
+            signals = VisionSignals(features, attention, keys, (side, side))
+        selection = chosen.select(signals, num_tokens, **options)
+        keep = selection.keep.reshape(count, patches)
+        important = None if selection.important is None else selection.important.reshape(count, patches)
+        chosen_features = features if selection.features is None else selection.features.reshape(count, patches, -1)
+        with torch.no_grad():
+            projected = model.model.multi_modal_projector(chosen_features)
+        if isinstance(model, LlavaNextForConditionalGeneration):
+            size = image_sizes[index].tolist()
+            newline = model.model.image_newline
+            order = _layout(model, count, size)
+            tokens = [newline if item is None else projected[item] for item in order if item is None or keep[item]]
+            tokens = torch.stack(tokens)
+        else:
+            tokens = projected[0][keep[0]]
+        images.append(ReferenceImage(keep, important, tokens))
+    return images
+
+
+def reference_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: list[ReferenceImage]):
+    """Per row: the embeddings the language model should see (padding dropped), and for each of
+    them the input id it stands for (-1 for an image token), so labels can be laid out."""
+    image_id = model.config.image_token_id
+    embed = model.get_input_embeddings()
+    queue = iter(images)
+    rows = []
+    for ids, mask in zip(input_ids, attention_mask):
+        ids = ids[mask.bool()]
+        parts, sources, position = [], [], 0
+        while position < len(ids):
+            if ids[position] == image_id:
+                image = next(queue)
+                full = (ids[position:] == image_id).long().cumprod(0).sum()
+                parts.append(image.tokens)
+                sources += [-1] * len(image.tokens)
+                position += int(full)
+            else:
+                with torch.no_grad():
+                    parts.append(embed(ids[position : position + 1]))
+                sources.append(int(ids[position]))
+                position += 1
+        rows.append((torch.cat(parts), torch.tensor(sources)))
+    return rows
+
+
+def lm_logits(model, embeds: torch.Tensor) -> torch.Tensor:
+    """(L, V) logits of one unpadded sequence of embeddings, no cache, positions 0..L-1."""
+    with torch.no_grad():
+        hidden = model.model.language_model(inputs_embeds=embeds.unsqueeze(0), use_cache=False).last_hidden_state
+        return model.lm_head(hidden)[0]
+
+
+def greedy(model, embeds: torch.Tensor, steps: int) -> list[int]:
+    tokens = []
+    embed = model.get_input_embeddings()
+    for _ in range(steps):
+        token = int(lm_logits(model, embeds)[-1].argmax())
+        tokens.append(token)
+        with torch.no_grad():
+            embeds = torch.cat([embeds, embed(torch.tensor([token]))])
+    return tokens
+
+
+def continuation_logits(model, embeds: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """(len(tokens), V): the logits that chose each of ``tokens`` after the prompt ``embeds``."""
+    with torch.no_grad():
+        extra = model.get_input_embeddings()(torch.tensor(tokens, dtype=torch.long))
+    logits = lm_logits(model, torch.cat([embeds, extra]))
+    return logits[len(embeds) - 1 : len(embeds) - 1 + len(tokens)]
+
+
+def reference_loss(model, rows, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor):
+    """Mean next-token cross-entropy over all rows; image tokens must be labelled -100."""
+    image_id = model.config.image_token_id
+    total, count = 0.0, 0
+    for (embeds, sources), ids, row_labels, mask in zip(rows, input_ids, labels, attention_mask):
+        ids, row_labels = ids[mask.bool()], row_labels[mask.bool()]
+        text_labels = iter(row_labels[ids != image_id].tolist())
+        targets = torch.tensor([next(text_labels) if source >= 0 else -100 for source in sources.tolist()])[1:]
+        logits = lm_logits(model, embeds)[:-1]
+        total = total + F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+        count += int((targets != -100).sum())
+    return total / count
