@@ -1,0 +1,90 @@
+"""Language-model prefill FLOPs: a closed formula, and a count on the real forward.
+
+The formula (1 multiply-add = 2 FLOPs), for a decoder layer that sees n tokens, hidden size d,
+H query heads and K key/value heads of size h, and a gated (SwiGLU) MLP of width m:
+
+    projections  2 n d (2 H h + 2 K h)    q, k, v, o
+    attention    4 n^2 H h                Q K^T and the weighted sum of V, dense
+    MLP          6 n d m                  gate, up, down
+
+summed over the layers (a method that prunes inside the language model gives layers different
+n), times the batch size, plus 2 d V per prompt for the LM head on the last position only (the
+one logit row that generation's prefill computes). Attention is counted dense: causal kernels
+mask but do not skip the upper triangle. Norms, activations and rotary embeddings (O(n d)) are
+left out; they are well under 1% of the total.
+
+The count runs the forward under :class:`torch.utils.flop_counter.FlopCounterMode`, which sees
+every matrix product, and assigns FLOPs to the module that ran them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+
+def llm_prefill_flops(
+    text_config: "PretrainedConfig",
+    layer_tokens: Sequence[int],
+    batch_size: int = 1,
+    gated_mlp: bool = True,
+    logit_rows: int = 1,
+) -> int:
+    """FLOPs of one language-model prefill, by the formula of this module's docstring.
+
+    Args:
+        text_config: the language model's config (hidden, intermediate and vocabulary sizes,
+            heads, key/value heads, head size).
+        layer_tokens: tokens each decoder layer processes, one entry per layer.
+        batch_size: prompts in the batch (all of the same length).
+        gated_mlp: three MLP matrices (SwiGLU, as in Llama/Vicuna/Mistral/Qwen) or two.
+        logit_rows: positions per prompt the LM head computes logits for.
+    """
+    d = text_config.hidden_size
+    heads = text_config.num_attention_heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(text_config, "head_dim", None) or d // heads
+    mlp_matrices = 3 if gated_mlp else 2
+    total = 0
+    for n in layer_tokens:
+        projections = 2 * n * d * (2 * heads * head_dim + 2 * kv_heads * head_dim)
+        attention = 4 * n * n * heads * head_dim
+        mlp = 2 * mlp_matrices * n * d * text_config.intermediate_size
+        total += projections + attention + mlp
+    head = 2 * d * text_config.vocab_size * logit_rows
+    return batch_size * (total + head)
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
+    # FlopCounterMode has formulas for the CUDA attention kernels but not for the CPU one, which
+    # would otherwise count as zero. Q K^T and the weighted sum of V, with the query's heads
+    # (grouped-query attention broadcasts K and V over them).
+    batch, heads, q_len, dim = query_shape
+    k_len, v_dim = key_shape[-2], value_shape[-1]
+    return 2 * batch * heads * q_len * k_len * dim + 2 * batch * heads * q_len * k_len * v_dim
+
+
+def flop_counter():
+    """A :class:`FlopCounterMode` that also counts the CPU attention kernel."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {}
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is not None:
+        mapping[cpu_sdpa] = _sdpa_flops
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def split_counts(counter, model) -> tuple[int, int]:
+    """(language-model FLOPs incl. the LM head, everything else) from a finished ``counter``.
+
+    Everything else is the vision tower, the projector and whatever a pruning method adds
+    outside the language model (its [CLS] attention row, its selection).
+    """
+    root = type(model).__name__
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    llm = counts.get(f"{root}.model.language_model", 0) + counts.get(f"{root}.lm_head", 0)
+    return llm, counter.get_total_flops() - llm

@@ -1,0 +1,97 @@
+"""Synthetic benchmark inputs: random pixels and random text ids around the image placeholders.
+
+No processor or tokenizer is needed, so presets and checkpoints are benchmarked the same way;
+costs depend on shapes, not on content.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+
+def is_next(model: "PreTrainedModel") -> bool:
+    """Whether ``model`` is LLaVA-NeXT-shaped (anyres crops, ``image_sizes`` input)."""
+    return getattr(model.config, "image_grid_pinpoints", None) is not None
+
+
+def default_image_size(model: "PreTrainedModel") -> tuple[int, int]:
+    """(height, width) of the benchmark image.
+
+    LLaVA: the tower's square input. LLaVA-NeXT: the largest grid resolution, the case with the
+    most crops (672 x 672 on the 7B checkpoints: the base image plus 2 x 2 crops, as in the
+    paper's efficiency table).
+    """
+    if is_next(model):
+        height, width = max(model.config.image_grid_pinpoints, key=lambda hw: hw[0] * hw[1])
+        return int(height), int(width)
+    side = model.config.vision_config.image_size
+    return side, side
+
+
+def image_inputs(
+    model: "PreTrainedModel", batch_size: int, image_size: tuple[int, int], seed: int = 0
+) -> dict[str, "torch.Tensor"]:
+    """``pixel_values`` (and ``image_sizes`` for LLaVA-NeXT) for one image per prompt."""
+    import torch
+
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    generator = torch.Generator().manual_seed(seed)
+    side = model.config.vision_config.image_size
+    if not is_next(model):
+        return {"pixel_values": torch.randn(batch_size, 3, side, side, generator=generator)}
+    crops = image_size_to_num_patches(list(image_size), model.config.image_grid_pinpoints, side)
+    return {
+        "pixel_values": torch.randn(batch_size, crops, 3, side, side, generator=generator),
+        "image_sizes": torch.tensor([list(image_size)] * batch_size),
+    }
+
+
+def placeholders_per_image(model: "PreTrainedModel", images: dict[str, "torch.Tensor"]) -> int:
+    """Visual tokens the unpatched ``model`` makes of one image (run once: it runs the tower).
+
+    Asking the model itself keeps LLaVA-NeXT's unpadding and newline tokens exactly as the stock
+    model counts them.
+    """
+    import torch
+
+    first = {name: value[:1].to(model.device) for name, value in images.items()}
+    first["pixel_values"] = first["pixel_values"].to(model.dtype)
+    with torch.inference_mode():
+        features = model.model.get_image_features(**first, return_dict=True).pooler_output
+    return int(features[0].shape[0])
+
+
+def prompt_inputs(
+    model: "PreTrainedModel",
+    images: dict[str, "torch.Tensor"],
+    visual_tokens: int,
+    text_tokens: int,
+    seed: int = 0,
+) -> dict[str, "torch.Tensor"]:
+    """Model inputs: per prompt, BOS, ``visual_tokens`` image placeholders, then random text.
+
+    ``text_tokens`` counts every non-image token (BOS included). No padding: all prompts have the
+    same length, so every row of the batch costs the same.
+    """
+    import torch
+
+    if isinstance(text_tokens, bool) or not isinstance(text_tokens, int) or text_tokens < 1:
+        raise ValueError(f"text_tokens must be an integer >= 1; got {text_tokens!r}")
+    batch = images["pixel_values"].shape[0]
+    text = model.config.text_config
+    image_id = model.config.image_token_id
+    generator = torch.Generator().manual_seed(seed + 1)
+    # Ordinary ids only: skip the first few (special tokens) and the image placeholder id.
+    words = torch.randint(3, text.vocab_size - 1, (batch, text_tokens - 1), generator=generator)
+    words[words >= image_id] += 1
+    bos = torch.full((batch, 1), text.bos_token_id if text.bos_token_id is not None else 1)
+    placeholders = torch.full((batch, visual_tokens), image_id)
+    input_ids = torch.cat([bos, placeholders, words], dim=1)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **images}
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return {name: value.to(model.device) for name, value in inputs.items()}

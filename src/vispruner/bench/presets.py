@@ -1,0 +1,181 @@
+"""Models to benchmark: architecture presets with random weights, or a local path / hub id.
+
+Timings, FLOPs and memory depend on the architecture, not on the weight values, so a preset
+builds the published architecture from its config with random weights and downloads nothing.
+``layers`` cuts the language model to its first N decoder layers so that a 7B preset fits a CPU
+run; only what runs is built (and, for a checkpoint, loaded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel
+
+
+@dataclass(frozen=True)
+class Preset:
+    """An architecture to build with random weights.
+
+    Attributes:
+        name: what ``--preset`` takes.
+        source: the published checkpoint whose config this copies.
+        config: builds the model config.
+    """
+
+    name: str
+    source: str
+    config: Callable[[], "PretrainedConfig"]
+
+
+def _clip_l_336() -> dict:
+    # openai/clip-vit-large-patch14-336, as in every LLaVA-1.5 / LLaVA-NeXT checkpoint.
+    return dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
+
+
+def _vicuna(size: str) -> dict:
+    # lmsys/vicuna-{7b,13b}-v1.5 (Llama 2 shapes) with the LLaVA vocabulary of 32064.
+    shapes = {
+        "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+        "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+    }[size]
+    return dict(
+        shapes,
+        num_key_value_heads=shapes["num_attention_heads"],
+        vocab_size=32064,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        pad_token_id=0,
+    )
+
+
+def _llava(text: dict, vision: dict, **extra) -> "PretrainedConfig":
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(**vision),
+        text_config=LlamaConfig(**text),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        **extra,
+    )
+
+
+def _llava_next(text: dict, vision: dict, **extra) -> "PretrainedConfig":
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+
+    return LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**vision),
+        text_config=LlamaConfig(**text),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        **extra,
+    )
+
+
+_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+# The tiny presets keep the LLaVA structure (feature layer -2 of a CLIP tower, a Llama language
+# model, here with grouped-query attention) at sizes that run in milliseconds, for CI.
+_TINY_VISION = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    image_size=112, patch_size=14, projection_dim=64,
+)
+_TINY_TEXT = dict(
+    hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048, pad_token_id=0,
+)
+
+PRESETS: dict[str, Preset] = {
+    preset.name: preset
+    for preset in (
+        Preset(
+            "llava-1.5-7b",
+            "llava-hf/llava-1.5-7b-hf",
+            lambda: _llava(_vicuna("7b"), _clip_l_336(), image_token_id=32000, pad_token_id=32001),
+        ),
+        Preset(
+            "llava-1.5-13b",
+            "llava-hf/llava-1.5-13b-hf",
+            lambda: _llava(_vicuna("13b"), _clip_l_336(), image_token_id=32000, pad_token_id=32001),
+        ),
+        Preset(
+            "llava-next-7b",
+            "llava-hf/llava-v1.6-vicuna-7b-hf",
+            lambda: _llava_next(
+                _vicuna("7b"), _clip_l_336(), image_token_id=32000, image_grid_pinpoints=_NEXT_PINPOINTS
+            ),
+        ),
+        Preset("tiny-llava", "none (CI size)", lambda: _llava(_TINY_TEXT, _TINY_VISION, image_token_id=511)),
+        Preset(
+            "tiny-llava-next",
+            "none (CI size)",
+            lambda: _llava_next(
+                _TINY_TEXT, _TINY_VISION, image_token_id=511, image_grid_pinpoints=[[112, 224], [224, 112], [224, 224]]
+            ),
+        ),
+    )
+}
+
+
+def _cut_layers(config: "PretrainedConfig", layers: int | None) -> int:
+    """Keep the first ``layers`` decoder layers in ``config``; return the full count."""
+    text = config.text_config
+    full = text.num_hidden_layers
+    if layers is None:
+        return full
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= full:
+        raise ValueError(f"layers must be an integer in [1, {full}] for this model; got {layers!r}")
+    text.num_hidden_layers = layers
+    if getattr(text, "layer_types", None) is not None:
+        text.layer_types = text.layer_types[:layers]
+    return full
+
+
+def build_preset(
+    name: str, layers: int | None = None, dtype: "torch.dtype | None" = None, seed: int = 0
+) -> tuple["PreTrainedModel", int]:
+    """A random-weight model of preset ``name`` (see :data:`PRESETS`) and its full LM depth.
+
+    Args:
+        name: a key of :data:`PRESETS`.
+        layers: keep only the first N language-model layers (1 <= N <= full depth); None keeps all.
+        dtype: parameter dtype (default float32).
+        seed: seed of the random weights.
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {name!r}")
+    config = PRESETS[name].config()
+    full = _cut_layers(config, layers)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=dtype or torch.float32)
+    return model.eval(), full
+
+
+def load_model(
+    path: str, layers: int | None = None, dtype: "torch.dtype | None" = None
+) -> tuple["PreTrainedModel", int]:
+    """A checkpoint (local path or hub id) and its full LM depth; ``layers`` loads only the first N."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(path)
+    full = _cut_layers(config, layers)
+    model = AutoModelForImageTextToText.from_pretrained(path, config=config, dtype=dtype or "auto")
+    return model.eval(), full

@@ -1,0 +1,154 @@
+"""Wall-clock timing: synchronised clocks, per-step decode times, and where prefill time goes.
+
+On CUDA every reading waits for the device (``torch.cuda.synchronize``), so kernels launched
+before a reading are counted in it; on CPU work is synchronous.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+from transformers import LogitsProcessor
+
+
+def now(device: torch.device) -> float:
+    """Seconds on a monotonic clock, after everything queued on ``device`` has finished."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def timed_ms(fn: Callable[[], Any], device: torch.device) -> float:
+    """Milliseconds ``fn()`` takes, device work included."""
+    start = now(device)
+    fn()
+    return (now(device) - start) * 1e3
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+class DecodeClock(LogitsProcessor):
+    """A logits processor that only reads the clock: generation calls it once per new token.
+
+    Call ``i`` comes right after the forward of step ``i`` (step 0 is the prefill), so the gaps
+    between calls are the decode steps, each with its sampling bookkeeping.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.stamps.append(now(self.device))
+        return scores
+
+    def ms_per_token(self) -> float:
+        """Mean decode step after the prefill, in milliseconds (needs two or more tokens)."""
+        steps = len(self.stamps) - 1
+        if steps < 1:
+            raise ValueError("new_tokens must be >= 2 to time a decode step")
+        return (self.stamps[-1] - self.stamps[0]) * 1e3 / steps
+
+
+def hook_keys(model: torch.nn.Module) -> dict[int, set[tuple[str, int]]]:
+    """The forward (pre-)hooks on each module of ``model``, to tell later which ones are new."""
+    return {id(module): set(_hooks(module)) for module in model.modules()}
+
+
+def _hooks(module: torch.nn.Module) -> Iterator[tuple[str, int]]:
+    for table in ("_forward_pre_hooks", "_forward_hooks"):
+        for key in getattr(module, table):
+            yield table, key
+
+
+class PrefillBreakdown:
+    """Where one prefill's time goes, with ``parts`` (name -> module) timed separately.
+
+    ``parts`` are the stock modules of the model (vision tower, projector, language model, LM
+    head). Their ``forward`` is timed, not the hooks on them. Hooks on modules *inside* the
+    parts that a pruning method added (since ``before``, a :func:`hook_keys` snapshot, or
+    registered during the run, as the adapters do for the [CLS] row) are timed too: their time
+    would otherwise hide inside a part. After :meth:`measure`:
+
+    * ``ms[name]``: time inside each part's forward, its inner hooks included;
+    * ``ms["hooks"]``: time in the method's hooks inside the parts;
+    * ``ms["outside"]``: the rest of the forward: the model's own glue and, when patched, the
+      method's selection, the compaction of the sequence and hooks on the parts themselves.
+    """
+
+    def __init__(
+        self,
+        parts: dict[str, torch.nn.Module],
+        device: torch.device,
+        before: dict[int, set[tuple[str, int]]] | None = None,
+    ) -> None:
+        self.parts = parts
+        self.device = device
+        self.before = before
+        self.ms: dict[str, float] = {}
+
+    def _time_into(self, name: str, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            start = now(self.device)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.ms[name] = self.ms.get(name, 0.0) + (now(self.device) - start) * 1e3
+
+        return timed
+
+    def _timed_registration(self, register: Callable) -> Callable:
+        def registration(hook: Callable, *args, **kwargs):
+            return register(self._time_into("hooks", hook), *args, **kwargs)
+
+        return registration
+
+    @contextmanager
+    def measure(self) -> Iterator["PrefillBreakdown"]:
+        self.ms = {name: 0.0 for name in (*self.parts, "hooks")}
+        with ExitStack() as restore:
+            for name, part in self.parts.items():
+                restore.enter_context(_replaced(part.__dict__, "forward", self._time_into(name, part.forward)))
+                for module in part.modules():
+                    if module is not part:
+                        restore.enter_context(self._time_hooks(module))
+            start = now(self.device)
+            yield self
+            total = (now(self.device) - start) * 1e3
+        self.ms["outside"] = total - sum(self.ms[name] for name in self.parts)
+        self.ms["total"] = total
+
+    @contextmanager
+    def _time_hooks(self, module: torch.nn.Module) -> Iterator[None]:
+        with ExitStack() as restore:
+            if self.before is not None and id(module) in self.before:
+                for table, key in set(_hooks(module)) - self.before[id(module)]:
+                    hooks = getattr(module, table)
+                    restore.enter_context(_replaced(hooks, key, self._time_into("hooks", hooks[key])))
+            for name in ("register_forward_pre_hook", "register_forward_hook"):
+                timed = self._timed_registration(getattr(module, name))
+                restore.enter_context(_replaced(module.__dict__, name, timed))
+            yield
+
+
+@contextmanager
+def _replaced(table: dict, key: Any, value: Any) -> Iterator[None]:
+    """``table[key] = value`` for the duration; the earlier entry (or its absence) comes back."""
+    missing = object()
+    old = table.get(key, missing)
+    table[key] = value
+    try:
+        yield
+    finally:
+        if old is missing:
+            del table[key]
+        else:
+            table[key] = old

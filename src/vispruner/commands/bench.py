@@ -1,0 +1,113 @@
+"""``vispruner bench``: FLOPs, latency, memory and KV cache of pruned vs full models."""
+
+from __future__ import annotations
+
+import argparse
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, e.g. 576,64; got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, e.g. 576,64; got {text!r}")
+    return values
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="local path or hub id of a LLaVA-1.5 / LLaVA-NeXT checkpoint")
+    source.add_argument(
+        "--preset",
+        help="architecture with random weights, no download: llava-1.5-7b, llava-1.5-13b, llava-next-7b, "
+        "tiny-llava, tiny-llava-next",
+    )
+    parser.add_argument("--tokens", type=_int_list, default=(576, 192, 128, 64, 32),
+                        help="visual-token budgets per crop (default 576,192,128,64,32)")
+    parser.add_argument("--methods", type=_names, default=None,
+                        help="comma-separated methods (default: every registered method; see `vispruner methods`)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on cuda, float32 on cpu")
+    parser.add_argument("--batch-size", type=int, default=1, help="prompts per batch, one image each (default 1)")
+    parser.add_argument("--text-tokens", type=int, default=64, help="non-image prompt tokens (default 64)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated to time decoding (default 16)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per row; medians are reported (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed prefills before timing each row (default 1)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="cut the language model to its first N layers (the report says so)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random weights and inputs (default 0)")
+    parser.add_argument("--json", metavar="PATH", help="write every row and the run's description as JSON")
+    parser.add_argument("--plot", metavar="PATH.png", help="plot latency and FLOPs against tokens (needs matplotlib)")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from vispruner.bench import (
+        PRESETS,
+        BenchSettings,
+        build_preset,
+        format_markdown,
+        format_table,
+        load_model,
+        plot,
+        run_bench,
+        write_json,
+    )
+    from vispruner.bench.report import header
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("vispruner bench: --device cuda was asked for, but torch sees no CUDA device")
+    dtype = getattr(torch, args.dtype or ("float16" if device == "cuda" else "float32"))
+    if args.preset is not None and args.preset not in PRESETS:
+        raise SystemExit(f"vispruner bench: --preset must be one of {', '.join(PRESETS)}; got {args.preset!r}")
+    settings = BenchSettings(
+        tokens=args.tokens,
+        methods=args.methods,
+        batch_size=args.batch_size,
+        text_tokens=args.text_tokens,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        seed=args.seed,
+    )
+    try:
+        settings.check()
+        if args.preset is not None:
+            model, full_layers = build_preset(args.preset, args.layers, dtype, args.seed)
+        else:
+            model, full_layers = load_model(args.model, args.layers, dtype)
+    except ValueError as error:
+        raise SystemExit(f"vispruner bench: {error}") from None
+    model.to(device)
+    try:
+        result = run_bench(
+            model,
+            settings,
+            full_layers=full_layers,
+            label=args.preset or args.model,
+            random_weights=args.preset is not None,
+            progress=not args.no_progress,
+        )
+    except TypeError as error:
+        raise SystemExit(f"vispruner bench: {error}") from None
+    if args.markdown:
+        print("\n".join(header(result) + ["", format_markdown(result)]))
+    else:
+        print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+    if args.plot:
+        plot(result, args.plot)
+    return 0
