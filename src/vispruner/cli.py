@@ -10,6 +10,7 @@ from typing import Sequence
 #: subcommand -> (module that defines ``add_arguments(parser)`` and ``run(args)``, help line)
 COMMANDS: dict[str, tuple[str, str]] = {
     "methods": ("vispruner.commands.methods", "list the registered token-selection methods"),
+    "bench": ("vispruner.commands.bench", "measure FLOPs, latency, memory and KV cache of pruned vs full models"),
     "demo": ("vispruner.commands.demo", "answer a question with all tokens and pruned, and draw the kept patches"),
     "eval": ("vispruner.commands.eval", "accuracy of methods at several token budgets on the bundled testbed"),
 }
