@@ -97,38 +97,57 @@ def reference_images(
     budget: str = "per_crop",
     **options,
 ) -> list[ReferenceImage]:
-    """Per image: the crop keep masks and the kept token embeddings, computed step by step."""
+    """Per image: the crop keep masks and the kept token embeddings, computed step by step.
+
+    The tower runs once on all crops, as in the model (CPU kernels may round differently for
+    another batch size). Per crop, the method runs once on all crops, so that a method drawing
+    random numbers draws them as in the model; per image, once per image.
+    """
     chosen = get_method(method)
-    images = []
-    for index, crops in enumerate(_crops(model, pixel_values, image_sizes)):
-        features, attention, keys = vision_signals(model, crops, "keys" in chosen.needs)
-        count, patches = features.shape[:2]
-        side = int(patches**0.5)
-        if budget == "per_image":
+    crops = _crops(model, pixel_values, image_sizes)
+    counts = [len(c) for c in crops]
+    features, attention, keys = vision_signals(model, torch.cat(crops), "keys" in chosen.needs)
+    patches = features.shape[1]
+    side = int(patches**0.5)
+    if budget == "per_image":
+        selections = []
+        for f, a, k in zip(features.split(counts), attention.split(counts), _split(keys, counts)):
             signals = VisionSignals(
-                features.reshape(1, count * patches, -1),
-                attention.reshape(1, -1),
-                None if keys is None else keys.reshape(1, count * patches, -1),
-                (count * side, side),
+                f.reshape(1, -1, f.shape[-1]),
+                a.reshape(1, -1),
+                None if k is None else k.reshape(1, -1, k.shape[-1]),
+                (len(f) * side, side),
+            )
+            selections.append(chosen.select(signals, num_tokens, **options))
+        keep = torch.cat([s.keep.reshape(-1, patches) for s in selections])
+        important = None if selections[0].important is None else torch.cat(
+            [s.important.reshape(-1, patches) for s in selections]
+        )
+        replaced = [s.features for s in selections]
+        replaced = None if replaced[0] is None else torch.cat([r.reshape(-1, patches, r.shape[-1]) for r in replaced])
+    else:
+        selection = chosen.select(VisionSignals(features, attention, keys, (side, side)), num_tokens, **options)
+        keep, important, replaced = selection.keep, selection.important, selection.features
+    with torch.no_grad():
+        projected = model.model.multi_modal_projector(features if replaced is None else replaced)
+    images = []
+    for index, (crop_keep, crop_important, crop_features) in enumerate(
+        zip(keep.split(counts), _split(important, counts), projected.split(counts))
+    ):
+        if isinstance(model, LlavaNextForConditionalGeneration):
+            order = _layout(model, len(crop_keep), image_sizes[index].tolist())
+            newline = model.model.image_newline
+            tokens = torch.stack(
+                [newline if item is None else crop_features[item] for item in order if item is None or crop_keep[item]]
             )
         else:
-            signals = VisionSignals(features, attention, keys, (side, side))
-        selection = chosen.select(signals, num_tokens, **options)
-        keep = selection.keep.reshape(count, patches)
-        important = None if selection.important is None else selection.important.reshape(count, patches)
-        chosen_features = features if selection.features is None else selection.features.reshape(count, patches, -1)
-        with torch.no_grad():
-            projected = model.model.multi_modal_projector(chosen_features)
-        if isinstance(model, LlavaNextForConditionalGeneration):
-            size = image_sizes[index].tolist()
-            newline = model.model.image_newline
-            order = _layout(model, count, size)
-            tokens = [newline if item is None else projected[item] for item in order if item is None or keep[item]]
-            tokens = torch.stack(tokens)
-        else:
-            tokens = projected[0][keep[0]]
-        images.append(ReferenceImage(keep, important, tokens))
+            tokens = crop_features[0][crop_keep[0]]
+        images.append(ReferenceImage(crop_keep, crop_important, tokens))
     return images
+
+
+def _split(values: torch.Tensor | None, counts: list[int]) -> list[torch.Tensor | None]:
+    return [None] * len(counts) if values is None else list(values.split(counts))
 
 
 def reference_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: list[ReferenceImage]):

@@ -56,11 +56,20 @@ class CompactedPrefix:
         tail = attention_mask[:, self.length :].to(self.attention_mask.dtype)
         return torch.cat([self.attention_mask, tail], dim=1)
 
-    def positions(self, position_ids: torch.Tensor | None) -> torch.Tensor | None:
-        """The caller's positions for tokens after the prefill, moved back over the removed tokens."""
+    def positions(self, position_ids: torch.Tensor | None, past_length: int, new_tokens: int) -> torch.Tensor:
+        """Positions for a step that adds ``new_tokens`` to a cache of ``past_length``.
+
+        ``position_ids`` are the caller's, counted on the full-length sequence; without them a
+        decoder counts from the cache length, which on the full sequence would have been
+        ``past_length + removed tokens - added padding``. Either way, they move back by the
+        tokens removed from the row.
+        """
+        removed = self.removed.to(self.attention_mask.device).unsqueeze(1)
         if position_ids is None:
-            return None
-        return position_ids - self.removed.to(position_ids.device).unsqueeze(1)
+            start = past_length - self.attention_mask.shape[1] + self.length
+            steps = torch.arange(start, start + new_tokens, device=removed.device)
+            return steps.expand(removed.shape[0], -1) - removed
+        return position_ids - removed.to(position_ids.device)
 
 
 @dataclass

@@ -309,7 +309,7 @@ class VisionStagePruner:
         if inputs is None:
             inputs = arguments["inputs_embeds"]
         arguments["attention_mask"] = prefix.mask(arguments.get("attention_mask"), past, inputs.shape[1])
-        arguments["position_ids"] = prefix.positions(arguments.get("position_ids"))
+        arguments["position_ids"] = prefix.positions(arguments.get("position_ids"), past, inputs.shape[1])
         return arguments
 
     def _prefill(self, original: Callable[..., Any], arguments: dict[str, Any], encoded: dict[str, Any]) -> Any:

@@ -1,0 +1,160 @@
+"""Pruned LLaVA / LLaVA-NeXT against the step-by-step reference (see reference.py).
+
+Each test patches a tiny random model, runs the user-facing call (generate or forward) on a
+left-padded batch with prompts of different lengths and two images in one prompt, and compares
+with the reference, which feeds one row at a time, only text and kept image tokens, to the
+language model without a cache.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vispruner
+from vispruner.methods import available_methods, get_method
+
+from .cases import FAMILIES, model_and_inputs
+from .reference import continuation_logits, greedy, lm_logits, reference_images, reference_loss, reference_sequences
+
+NUM_TOKENS = 8
+STEPS = 5
+VISION_METHODS = [name for name in available_methods() if get_method(name).stage == "vision"]
+
+
+def prepared(family, attn_implementation="sdpa", budget="per_crop", method="vispruner", **options):
+    model, inputs = model_and_inputs(family, attn_implementation)
+    images = reference_images(
+        model, inputs["pixel_values"], inputs.get("image_sizes"), NUM_TOKENS, method, budget, **options
+    )
+    rows = reference_sequences(model, inputs["input_ids"], inputs["attention_mask"], images)
+    vispruner.apply(model, NUM_TOKENS, method=method, budget=budget, **options)
+    return model, inputs, images, rows
+
+
+def prompt_length(inputs) -> int:
+    return inputs["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", VISION_METHODS)
+def test_language_model_receives_text_and_kept_tokens(family, method):
+    model, inputs, images, rows = prepared(family, method=method)
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen.setdefault("embeds", kwargs["inputs_embeds"])
+        seen.setdefault("mask", kwargs["attention_mask"])
+
+    handle = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    finally:
+        handle.remove()
+    for embeds, mask, (expected, _), image in zip(seen["embeds"], seen["mask"], rows, images):
+        torch.testing.assert_close(embeds[mask.bool()], expected, rtol=1e-5, atol=1e-6)
+    selections = vispruner.last_selection(model)
+    for selection, image in zip(selections, images, strict=True):
+        assert torch.equal(selection.keep, image.keep)
+        assert (selection.important is None) == (image.important is None)
+        if image.important is not None:
+            assert torch.equal(selection.important, image.important)
+    # Shorter than the prompt: the pruned placeholders are gone, not masked.
+    assert seen["embeds"].shape[1] < prompt_length(inputs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    ("attn_implementation", "generate_options"),
+    [("sdpa", {}), ("eager", {}), ("sdpa", {"cache_implementation": "static"}), ("sdpa", {"use_cache": False})],
+    ids=["dynamic-cache", "eager", "static-cache", "no-cache"],
+)
+def test_greedy_tokens_match_reference(family, attn_implementation, generate_options):
+    model, inputs, _, rows = prepared(family, attn_implementation)
+    out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, **generate_options)
+    assert out[:, : prompt_length(inputs)].equal(inputs["input_ids"])
+    assert out[:, prompt_length(inputs) :].tolist() == [greedy(model, embeds, STEPS) for embeds, _ in rows]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sampling_with_several_sequences_uses_compacted_mask_and_positions(family):
+    model, inputs, _, rows = prepared(family)
+    torch.manual_seed(0)
+    out = model.generate(
+        **inputs, max_new_tokens=STEPS, do_sample=True, num_return_sequences=2,
+        return_dict_in_generate=True, output_logits=True,
+    )
+    logits = torch.stack(out.logits, dim=1)
+    for index, sequence in enumerate(out.sequences[:, prompt_length(inputs) :]):
+        expected = continuation_logits(model, rows[index // 2][0], sequence.tolist())
+        torch.testing.assert_close(logits[index], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_beam_search_scores_match_reference(family):
+    model, inputs, _, rows = prepared(family)
+    out = model.generate(
+        **inputs, max_new_tokens=STEPS, num_beams=3, num_return_sequences=2, length_penalty=0.0,
+        do_sample=False, return_dict_in_generate=True, output_scores=True,
+    )
+    for index, sequence in enumerate(out.sequences[:, prompt_length(inputs) :]):
+        tokens = sequence.tolist()
+        log_probs = continuation_logits(model, rows[index // 2][0], tokens).log_softmax(dim=-1)
+        expected = log_probs[torch.arange(len(tokens)), sequence].sum()
+        torch.testing.assert_close(out.sequences_scores[index], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_with_labels_matches_reference_loss(family):
+    model, inputs, _, rows = prepared(family)
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.image_token_id, -100)
+    # Padding, and each row's first token, which nothing before it in the row predicts.
+    first = inputs["attention_mask"].cumsum(dim=1) == 1
+    labels = labels.masked_fill((inputs["attention_mask"] == 0) | first, -100)
+    out = model(**inputs, labels=labels)
+    expected = reference_loss(model, rows, inputs["input_ids"], labels, inputs["attention_mask"])
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+    for row, (embeds, _) in enumerate(rows):
+        torch.testing.assert_close(out.logits[row, -1], lm_logits(model, embeds)[-1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inputs_embeds_and_a_hand_written_decode_loop(family):
+    model, inputs, _, rows = prepared(family)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+    fields = {k: v for k, v in inputs.items() if k != "input_ids"}
+    out = model(inputs_embeds=embeds, **fields, use_cache=True)
+    next_tokens = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+    # The caller keeps the full-length mask, as it would for an unpruned model.
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(next_tokens)], dim=1)
+    step = model(input_ids=next_tokens, attention_mask=mask, past_key_values=out.past_key_values)
+    for row, (expected, _) in enumerate(rows):
+        reference = continuation_logits(model, expected, [int(next_tokens[row])] + [0])
+        torch.testing.assert_close(out.logits[row, -1], reference[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(step.logits[row, -1], reference[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_processor_output_straight_to_generate_single_prompt(family):
+    # One unpadded prompt: generate drops the all-ones mask, so only positions carry the layout.
+    model, inputs = model_and_inputs(family, texts=["w3 <image> w4 w5"])
+    images = reference_images(model, inputs["pixel_values"], inputs.get("image_sizes"), NUM_TOKENS)
+    (embeds, _), = reference_sequences(model, inputs["input_ids"], inputs["attention_mask"], images)
+    vispruner.apply(model, NUM_TOKENS)
+    out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+    assert out[0, prompt_length(inputs) :].tolist() == greedy(model, embeds, STEPS)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("budget", ["per_crop", "per_image"])
+def test_budget_counts_and_greedy_tokens(family, budget):
+    model, inputs, images, rows = prepared(family, budget=budget)
+    out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+    assert out[:, prompt_length(inputs) :].tolist() == [greedy(model, embeds, STEPS) for embeds, _ in rows]
+    for selection in vispruner.last_selection(model):
+        crops, patches = selection.keep.shape
+        if budget == "per_crop":
+            assert selection.keep.sum(dim=1).tolist() == [NUM_TOKENS] * crops
+        else:
+            assert int(selection.keep.sum()) == min(NUM_TOKENS, crops * patches)
