@@ -1,0 +1,315 @@
+"""LLM-stage pruning (FastV) for LLaVA-style models: cut image tokens between two decoder layers.
+
+Decoder layers ``0 .. K-1`` run on the whole prompt; layer ``K`` and the ones after it see the
+text and the kept image tokens only, at the prefill and in the KV cache they fill, so decoding
+runs on the shortened cache. Where transformers 5.x lets us in:
+
+* ``model.model.get_image_features`` is wrapped to note each image's crops; ``model.forward`` is
+  wrapped so that at the prefill (an empty cache) the image placeholders of ``input_ids`` are
+  grouped per image or per crop (LLaVA-NeXT's newline tokens are always kept).
+* The language model's ``forward`` is wrapped to note the call's 2D padding mask and cache.
+* A pre-hook on layer ``K-1``'s attention recomputes, from that layer's own input, only the
+  attention row of each prompt's last token (one query against the L keys), so SDPA and
+  FlashAttention keep working; eager attention is never required.
+* A pre-hook on every layer from ``K`` on substitutes the shortened inputs: at the prefill,
+  layer ``K`` selects the tokens and compacts the hidden states (rows re-padded on the left),
+  the 2D mask, the positions and the rotary embeddings; kept tokens keep their original
+  positions, as in the authors' code. At later steps those layers get a mask built from the
+  compacted 2D mask, since their cache is shorter than the first ``K`` layers'.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..methods.fastv import DEFAULT_LAYER, LanguageSignals, check_layer
+from .patching import InstancePatch, bind_arguments
+from .sequence import CompactedPrefix, compact
+from .vision_stage import PRUNER, Family, ImageSelection, Settings
+
+#: Attribute of a KV cache whose layers from K on hold a compacted prefill: its :class:`CompactedPrefix`.
+PREFIX = "_vispruner_llm_prefix"
+
+
+@dataclass
+class _Step:
+    """What the hooks share during one language-model forward."""
+
+    attention_mask: torch.Tensor | None
+    #: (B, L) long group ids of the prompt's tokens (-1 = always kept); set at the prefill only.
+    groups: torch.Tensor | None = None
+    #: (B, L) attention of each prompt's last token, set by the hook on layer K-1's attention.
+    scores: torch.Tensor | None = None
+    #: Keyword arguments every layer from K on receives instead of the model's.
+    replacements: dict[str, Any] = field(default_factory=dict)
+    prefix: CompactedPrefix | None = None
+
+
+class LanguageStagePruner:
+    """FastV-style pruning installed on one model instance; :meth:`remove` undoes it."""
+
+    def __init__(self, model: nn.Module, family: Family, settings: Settings) -> None:
+        self.model = model
+        self.family = family
+        self.language_model = model.model.language_model
+        self.layers = self.language_model.layers
+        options = dict(settings.options)
+        self.layer = check_layer(options.pop("layer", DEFAULT_LAYER), len(self.layers))
+        self.settings = Settings(settings.method, settings.num_tokens, options, settings.budget)
+        _check_language_model(self.language_model, self.layer)
+        vision = model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        self.grid = (side, side)
+        self.patches = side * side
+        #: Per image at the last pruned prefill: crop keep masks over the patch grids.
+        self.last: list[ImageSelection] | None = None
+        #: (B, L) bool: the prompt tokens that decoder layers from K on saw at the last prefill.
+        self.last_tokens: torch.Tensor | None = None
+        #: Crops of each image and the image sizes, from the last image-feature call.
+        self._crops: list[int] | None = None
+        self._image_sizes: torch.Tensor | None = None
+        #: input_ids of the prefill under way, and each image's placeholder sources in it.
+        self._prompt_ids: torch.Tensor | None = None
+        self._sources_now: list[torch.Tensor] = []
+        self._step: _Step | None = None
+        self._patch = InstancePatch()
+        self._handles: list[Any] = []
+
+    def install(self) -> None:
+        self._patch.wrap(self.model.model, "get_image_features", self._get_image_features)
+        self._patch.wrap(self.model, "forward", self._forward)
+        self._patch.wrap(self.language_model, "forward", self._language_forward)
+        attention = self.layers[self.layer - 1].self_attn
+        self._handles = [
+            attention.register_forward_pre_hook(self._score, with_kwargs=True),
+            self.layers[self.layer].register_forward_pre_hook(self._cut, with_kwargs=True),
+        ]
+        self._handles += [
+            layer.register_forward_pre_hook(self._follow, with_kwargs=True) for layer in self.layers[self.layer + 1 :]
+        ]
+        setattr(self.model, PRUNER, self)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._patch.restore()
+        delattr(self.model, PRUNER)
+
+    # -- which tokens compete ------------------------------------------------------------------
+
+    def _get_image_features(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        arguments = bind_arguments(original, args, kwargs)
+        self._image_sizes = arguments.get("image_sizes")
+        self._crops = self.family.crops_per_image(self.model, arguments["pixel_values"], self._image_sizes)
+        return original(*args, **kwargs)
+
+    def _forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        arguments = bind_arguments(original, args, kwargs)
+        cache = arguments.get("past_key_values")
+        encoded = arguments.get("mm_encoder_outputs") or {}
+        images = arguments.get("pixel_values") is not None or encoded.get("image") is not None
+        if cache is None or cache.get_seq_length() == 0:
+            self.last_tokens = None
+            if images:
+                if arguments.get("input_ids") is None:
+                    raise NotImplementedError("fastv finds the image tokens in input_ids; got inputs_embeds only")
+                # Grouped inside the language model's call: the image features (and with them the
+                # crops of each image) are computed after this point when pixel_values are given.
+                self._prompt_ids = arguments["input_ids"]
+        labels = arguments.pop("labels", None)
+        try:
+            output = original(**arguments)
+        finally:
+            self._prompt_ids = None
+        if labels is not None:
+            if self.last_tokens is not None:
+                labels = compact(self.last_tokens.to(labels.device), labels=labels).labels
+            output.loss = self.model.loss_function(
+                logits=output.logits, labels=labels, vocab_size=self.model.config.text_config.vocab_size
+            )
+        return output
+
+    def _token_groups(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+        """(B, L) group ids of the prompt, and each image's placeholder sources (see :meth:`_sources`)."""
+        is_image = input_ids == self.model.config.image_token_id
+        if self._crops is None or not bool(is_image.any()):
+            return None
+        sources = self._sources(input_ids.device)
+        flat = torch.cat(sources)
+        if flat.numel() != int(is_image.sum()):
+            return None  # a placeholder mismatch, which the stock forward reports in its own words
+        image = torch.repeat_interleave(torch.arange(len(sources), device=flat.device), torch.tensor([len(s) for s in sources], device=flat.device))
+        if self.settings.budget == "per_crop":
+            first_crop = torch.tensor([0, *self._crops[:-1]], device=flat.device).cumsum(0)
+            owner = first_crop[image] + flat.div(self.patches, rounding_mode="floor")
+        else:
+            owner = image
+        groups = torch.full_like(input_ids, -1)
+        groups[is_image] = torch.where(flat >= 0, owner, -1)
+        return groups, sources
+
+    def _sources(self, device: torch.device) -> list[torch.Tensor]:
+        """Per image, (P,) long: for each of its placeholder tokens, ``crop * N + patch``, or -1 for a
+        newline token (LLaVA-NeXT), in the order the model lays them out.
+
+        The family's ``pack`` only moves, drops and inserts newline flags set to True, so packing
+        bit ``b`` of every patch's code, one bit at a time, spells out each token's code; a newline
+        reads as all ones, a code no patch has.
+        """
+        codes = [torch.arange(count * self.patches, device=device).view(count, self.patches) for count in self._crops]
+        bits = max(count * self.patches for count in self._crops).bit_length()
+        total = None
+        for bit in range(bits):
+            packed = self.family.pack(self.model, [(code >> bit) & 1 == 1 for code in codes], self._image_sizes)
+            planes = [flags.to(device).long() << bit for flags in packed]
+            total = planes if total is None else [t + p for t, p in zip(total, planes)]
+        newline = (1 << bits) - 1
+        return [torch.where(code == newline, -1, code) for code in total]
+
+    # -- inside the language model -------------------------------------------------------------
+
+    def _language_forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        arguments = bind_arguments(original, args, kwargs)
+        cache = arguments.get("past_key_values")
+        mask = arguments.get("attention_mask")
+        prefill = cache is None or cache.get_seq_length() == 0
+        if prefill and hasattr(cache, PREFIX):
+            delattr(cache, PREFIX)  # a reset cache, reused by a new generate() call
+        step = _Step(attention_mask=mask)
+        if prefill and self._prompt_ids is not None:
+            grouped = self._token_groups(self._prompt_ids)
+            if grouped is not None:
+                step.groups, self._sources_now = grouped
+        if step.groups is not None or hasattr(cache, PREFIX):
+            if getattr(cache, "is_compileable", False):
+                raise NotImplementedError("fastv needs a dynamic KV cache (the default); static caches are not supported")
+            if mask is not None and mask.ndim != 2:
+                raise NotImplementedError(f"fastv needs the 2D (batch, length) padding mask; got shape {tuple(mask.shape)}")
+        self._step = step
+        try:
+            output = original(**arguments)
+        finally:
+            self._step = None
+        if step.prefix is not None and output.past_key_values is not None:
+            setattr(output.past_key_values, PREFIX, step.prefix)
+        return output
+
+    def _score(self, attention: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Pre-hook on layer K-1's attention: the last prompt token's attention row, heads averaged."""
+        step = self._step
+        if step is None or step.groups is None:
+            return
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cos, sin = kwargs["position_embeddings"]
+        batch, length, _ = hidden.shape
+        columns = torch.arange(length, device=hidden.device)
+        real = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
+        if step.attention_mask is not None:
+            real = step.attention_mask.to(hidden.device).bool()
+        last = torch.where(real, columns, -1).amax(dim=1)
+        rows = torch.arange(batch, device=hidden.device)
+        rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        width = attention.head_dim
+        with torch.no_grad():
+            query = attention.q_proj(hidden[rows, last]).view(batch, -1, 1, width)
+            keys = attention.k_proj(hidden).view(batch, length, -1, width).transpose(1, 2)
+            cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+            query = rotate(query, query, cos[rows, last].unsqueeze(1), sin[rows, last].unsqueeze(1))[0]
+            keys = rotate(keys, keys, cos, sin)[0].repeat_interleave(attention.num_key_value_groups, dim=1)
+            logits = torch.matmul(query.float(), keys.float().transpose(-1, -2)).squeeze(2) * attention.scaling
+            visible = real & (columns <= last.unsqueeze(1))
+            step.scores = logits.masked_fill(~visible.unsqueeze(1), -torch.inf).softmax(dim=-1).mean(dim=1)
+
+    def _cut(self, layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        """Pre-hook on layer K: choose and compact at the prefill; at later steps, fix the mask."""
+        step = self._step
+        if step is None:
+            return None
+        hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
+        args = args[1:] if args else args
+        cache = kwargs.get("past_key_values")
+        if step.groups is not None:
+            if step.scores is None:
+                raise RuntimeError(f"the attention of decoder layer {self.layer - 1} did not run before layer {self.layer}")
+            signals = LanguageSignals(step.scores, step.groups.to(step.scores.device))
+            keep = self.settings.method.select(signals, self.settings.num_tokens, **self.settings.options).keep
+            self._record(keep)
+            if bool(keep.all()):
+                step.groups = None
+                return None
+            hidden = self._compact_prefill(step, keep.to(hidden.device), hidden, kwargs)
+        elif hasattr(cache, PREFIX):
+            prefix: CompactedPrefix = getattr(cache, PREFIX)
+            mask = prefix.mask(step.attention_mask, cache.get_seq_length(self.layer), hidden.shape[1])
+            step.replacements = {"attention_mask": self._mask(hidden, mask, cache)}
+        else:
+            return None
+        return (hidden, *args), {**kwargs, **step.replacements}
+
+    def _follow(self, layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+        """Pre-hook on layers after K: the same shortened inputs as layer K."""
+        step = self._step
+        if step is None or not step.replacements:
+            return None
+        return args, {**kwargs, **step.replacements}
+
+    def _compact_prefill(self, step: _Step, keep: torch.Tensor, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        batch, length = keep.shape
+        short = compact(keep, inputs_embeds=hidden, attention_mask=step.attention_mask)
+
+        def along(values: torch.Tensor) -> torch.Tensor:
+            # compact() gathers any (B, L, ...) tensor given as inputs_embeds; padding gets 0.
+            return compact(keep, inputs_embeds=values.expand(batch, length, *values.shape[2:])).inputs_embeds
+
+        cos, sin = kwargs["position_embeddings"]
+        step.replacements = {
+            "attention_mask": self._mask(short.inputs_embeds, short.attention_mask, kwargs.get("past_key_values")),
+            "position_embeddings": (along(cos), along(sin)),
+        }
+        if kwargs.get("position_ids") is not None:
+            step.replacements["position_ids"] = along(kwargs["position_ids"])
+        step.prefix = short.prefix
+        return short.inputs_embeds
+
+    def _mask(self, hidden: torch.Tensor, mask: torch.Tensor | None, cache: Any) -> Any:
+        from transformers.masking_utils import create_causal_mask
+
+        # No position_ids: kept tokens have gapped positions, which must not read as packed sequences.
+        return create_causal_mask(
+            config=self.language_model.config,
+            inputs_embeds=hidden,
+            attention_mask=mask,
+            past_key_values=cache,
+            position_ids=None,
+            layer_idx=self.layer,
+        )
+
+    def _record(self, keep: torch.Tensor) -> None:
+        """Note what the layers from K on see: :attr:`last_tokens`, and :attr:`last` per image."""
+        self.last_tokens = keep
+        is_image = self._prompt_ids == self.model.config.image_token_id
+        kept = keep.to(is_image.device)[is_image].split([len(s) for s in self._sources_now])
+        self.last = []
+        for count, sources, flags in zip(self._crops, self._sources_now, kept):
+            grid = torch.zeros(count * self.patches, dtype=torch.bool, device=flags.device)
+            grid[sources[flags & (sources >= 0)]] = True
+            self.last.append(ImageSelection(grid.view(count, self.patches), None, self.grid))
+
+
+def _check_language_model(language_model: nn.Module, layer: int) -> None:
+    config = language_model.config
+    attention = language_model.layers[layer - 1].self_attn
+    needed = ("q_proj", "k_proj", "head_dim", "scaling", "num_key_value_groups")
+    rotary = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
+    if not all(hasattr(attention, name) for name in needed) or rotary is None or hasattr(attention, "q_norm"):
+        raise TypeError(
+            f"fastv supports Llama-style language models (rotary q_proj/k_proj attention); got {type(attention).__name__}"
+        )
+    if getattr(config, "sliding_window", None) is not None:
+        raise TypeError("fastv does not support sliding-window attention in the language model")
