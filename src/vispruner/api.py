@@ -38,6 +38,11 @@ def apply(
             whole image, shared over its crops). Both mean the same for LLaVA-1.5.
         **options: the method's own options, checked against ``Method.options``.
 
+    Vision-stage methods prune before the language model. ``method="fastv"`` prunes inside it:
+    decoder layers before ``layer`` (option, default 2) see every image token, the later ones
+    see ``num_tokens`` per crop or image (plus LLaVA-NeXT's newline tokens), and so does the
+    KV cache they fill; its ``forward`` returns logits for the kept tokens only.
+
     Applying again replaces the earlier patch; :func:`remove` undoes it. Raises ``TypeError`` for
     an unsupported model and ``ValueError`` for a bad argument.
     """
@@ -61,14 +66,16 @@ def apply(
         )
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {', '.join(map(repr, BUDGETS))}; got {budget!r}")
-    if chosen.stage != "vision":
-        raise NotImplementedError(
-            f"method {chosen.name!r} prunes inside the language model (stage {chosen.stage!r}); "
-            "vispruner.apply supports vision-stage methods only for now"
-        )
+    settings = Settings(chosen, num_tokens, options, budget)
+    if chosen.stage == "llm":
+        from .adapters.llm_stage import LanguageStagePruner
+
+        pruner: Any = LanguageStagePruner(model, family, settings)
+    else:
+        pruner = VisionStagePruner(model, family, settings)
 
     remove(model)
-    VisionStagePruner(model, family, Settings(chosen, num_tokens, options, budget)).install()
+    pruner.install()
     return model
 
 
