@@ -40,7 +40,7 @@ def _crops(model, pixel_values: torch.Tensor, image_sizes) -> list[torch.Tensor]
 
 
 def vision_signals(model, crops: torch.Tensor, need_keys: bool):
-    """features (c, N, C), head-averaged [CLS] attention (c, N) and keys (c, N, D) of the feature layer."""
+    """features (c, N, C), head-averaged [CLS] attention (c, N) and keys (c, N, H, d) of the feature layer."""
     tower = model.model.vision_tower
     layer = model.config.vision_feature_layer
     count = len(tower.encoder.layers)
@@ -54,6 +54,7 @@ def vision_signals(model, crops: torch.Tensor, need_keys: bool):
         if need_keys:
             block = tower.encoder.layers[hidden_index - 1]
             keys = block.self_attn.k_proj(block.layer_norm1(states[hidden_index - 1]))[:, 1:]
+            keys = keys.unflatten(-1, (block.self_attn.num_heads, block.self_attn.head_dim))
     features = states[hidden_index][:, 1:]
     attention = attentions[hidden_index - 1][:, :, 0, 1:].mean(dim=1)
     return features, attention, keys
@@ -115,7 +116,7 @@ def reference_images(
             signals = VisionSignals(
                 f.reshape(1, -1, f.shape[-1]),
                 a.reshape(1, -1),
-                None if k is None else k.reshape(1, -1, k.shape[-1]),
+                None if k is None else k.reshape(1, -1, *k.shape[2:]),
                 (len(f) * side, side),
             )
             selections.append(chosen.select(signals, num_tokens, **options))

@@ -27,7 +27,8 @@ def test_hook_matches_eager_attention_probabilities(attn_implementation, layer):
         keys = block.self_attn.k_proj(block.layer_norm1(states[layer]))
     expected = attentions[layer][:, :, 0, 1:].mean(dim=1)
     torch.testing.assert_close(capture.scores(), expected, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(capture.keys(), keys[:, 1:], rtol=1e-5, atol=1e-6)
+    per_head = keys[:, 1:].unflatten(-1, (block.self_attn.num_heads, block.self_attn.head_dim))
+    torch.testing.assert_close(capture.keys(), per_head, rtol=1e-5, atol=1e-6)
     assert capture.scores().shape == (2, 64)
 
 

@@ -23,7 +23,7 @@ class ClsAttentionCapture:
     After the vision tower ran inside the block:
         ``scores()``: (B, N) float32 attention of [CLS] to the N patches, averaged over heads
         (softmax over [CLS] and the patches, as the layer computes it).
-        ``keys()``: (B, N, D) the patches' keys, heads concatenated (only if ``keep_keys``).
+        ``keys()``: (B, N, H, d) the patches' keys per head (only if ``keep_keys``).
     """
 
     def __init__(self, attention: nn.Module, keep_keys: bool) -> None:
@@ -66,7 +66,7 @@ class ClsAttentionCapture:
         keys = self._keys.float().view(batch, tokens, heads, width).transpose(1, 2)
         logits = torch.matmul(query, keys.transpose(-1, -2)).squeeze(2) * self._attention.scale
         self._scores = logits.softmax(dim=-1).mean(dim=1)[:, 1:]
-        self._patch_keys = self._keys[:, 1:] if self._keep_keys else None
+        self._patch_keys = self._keys[:, 1:].unflatten(-1, (heads, width)) if self._keep_keys else None
         self._query = self._keys = None
 
     def scores(self) -> torch.Tensor:

@@ -21,7 +21,8 @@ class VisionSignals:
         features: (B, N, C) patch features of the layer that feeds the projector, [CLS] removed.
         attention: (B, N) [CLS]-to-patch attention of that layer, averaged over heads, or None
             when the model has no [CLS] token.
-        keys: (B, N, D) attention keys of that layer (heads concatenated), or None.
+        keys: (B, N, H, d) attention keys of that layer per head (the key projection's output),
+            or None.
         grid: (rows, cols) of the patch grid, rows * cols == N, or None when not a grid.
     """
 
