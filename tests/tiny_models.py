@@ -100,37 +100,35 @@ def _finish(model, attn_implementation: str):
     return model.eval()
 
 
-def tiny_llava(
-    seed: int = 0, attn_implementation: str = "sdpa", vision_layers: int = 2, text_layers: int = 2
-) -> LlavaForConditionalGeneration:
-    """A random LLaVA-1.5-shaped model: CLIP tower, feature layer -2, [CLS] dropped, 64 patches."""
-    config = LlavaConfig(
+def _build(model_class, config_class, seed, attn_implementation, vision_layers, text_layers, **extra):
+    config = config_class(
         vision_config=_vision_config(vision_layers),
         text_config=_text_config(text_layers),
         image_token_id=IMAGE_ID,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         pad_token_id=PAD_ID,
+        **extra,
     )
     torch.manual_seed(seed)
-    return _finish(LlavaForConditionalGeneration(config), attn_implementation)
+    return _finish(model_class(config), attn_implementation)
+
+
+def tiny_llava(
+    seed: int = 0, attn_implementation: str = "sdpa", vision_layers: int = 2, text_layers: int = 2
+) -> LlavaForConditionalGeneration:
+    """A random LLaVA-1.5-shaped model: CLIP tower, feature layer -2, [CLS] dropped, 64 patches."""
+    return _build(LlavaForConditionalGeneration, LlavaConfig, seed, attn_implementation, vision_layers, text_layers)
 
 
 def tiny_llava_next(
     seed: int = 0, attn_implementation: str = "sdpa", vision_layers: int = 2, text_layers: int = 2
 ) -> LlavaNextForConditionalGeneration:
     """A random LLaVA-NeXT-shaped model: anyres crops of 32 px over :data:`GRID_PINPOINTS`."""
-    config = LlavaNextConfig(
-        vision_config=_vision_config(vision_layers),
-        text_config=_text_config(text_layers),
-        image_token_id=IMAGE_ID,
+    return _build(
+        LlavaNextForConditionalGeneration, LlavaNextConfig, seed, attn_implementation, vision_layers, text_layers,
         image_grid_pinpoints=GRID_PINPOINTS,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        pad_token_id=PAD_ID,
     )
-    torch.manual_seed(seed)
-    return _finish(LlavaNextForConditionalGeneration(config), attn_implementation)
 
 
 def tiny_processor(model) -> LlavaProcessor | LlavaNextProcessor:

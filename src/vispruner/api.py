@@ -88,18 +88,11 @@ def remove(model: Model) -> Model:
 
 
 @contextmanager
-def pruned(
-    model: Model,
-    num_tokens: int = 64,
-    important_ratio: float = DEFAULT_IMPORTANT_RATIO,
-    method: str = "vispruner",
-    *,
-    budget: str = "per_crop",
-    **options: Any,
-) -> Iterator[Model]:
-    """``with vispruner.pruned(model, 64): ...``: :func:`apply` for the block, then the model as it was."""
+def pruned(model: Model, *args: Any, **kwargs: Any) -> Iterator[Model]:
+    """``with vispruner.pruned(model, 64): ...``: :func:`apply` (same arguments) for the block,
+    then the model as it was (unpatched, or with its earlier patch)."""
     before = _pruner(model)
-    apply(model, num_tokens, important_ratio, method, budget=budget, **options)
+    apply(model, *args, **kwargs)
     try:
         yield model
     finally:
