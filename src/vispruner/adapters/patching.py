@@ -48,9 +48,9 @@ class InstancePatch:
 
 def bind_arguments(function: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The call's arguments by name, ``**kwargs`` merged in, so that it can be replayed as ``function(**bound)``."""
-    bound = inspect.signature(function).bind(*args, **kwargs)
-    arguments = dict(bound.arguments)
-    for parameter in inspect.signature(function).parameters.values():
+    signature = inspect.signature(function)
+    arguments = dict(signature.bind(*args, **kwargs).arguments)
+    for parameter in signature.parameters.values():
         if parameter.kind is inspect.Parameter.VAR_KEYWORD:
             arguments.update(arguments.pop(parameter.name, {}))
     return arguments
