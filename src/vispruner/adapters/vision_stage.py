@@ -201,8 +201,8 @@ class VisionStagePruner:
         hidden = feature_layer if feature_layer >= 0 else count + 1 + feature_layer
         if not 1 <= hidden <= count:
             raise ValueError(
-                f"vision_feature_layer must select the output of an encoder layer, -{count} .. {count} "
-                f"excluding 0 and -{count + 1}; got {feature_layer}"
+                f"vision_feature_layer must select an encoder layer's output: an integer in "
+                f"-{count}..-1 or 1..{count}; got {feature_layer}"
             )
         return self._layers[hidden - 1].self_attn
 
