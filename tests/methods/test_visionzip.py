@@ -122,7 +122,7 @@ F, A = torch.randn(2, 10, 4), torch.rand(2, 10)
         (torch.ones(2, 10, 3, dtype=torch.long), r"keys must be a floating-point"),
         (torch.randn(3, 10, 3), r"keys batch size must equal the features' batch size 2"),
         (torch.randn(2, 11, 2, 3), r"keys second dimension must equal the number of patches N=10"),
-        (torch.randn(2, 10, 0), r"keys must have at least one head and one channel"),
+        (torch.randn(2, 10, 0), r"keys must have no empty dimension"),
         (torch.full((2, 10, 3), math.inf), r"keys must be finite"),
     ],
 )

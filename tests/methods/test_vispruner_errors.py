@@ -37,7 +37,7 @@ def test_important_ratio(ratio):
         (F, torch.rand(2, 1, 1, 10), r"attention must have shape"),
         (F, torch.rand(3, 10), r"attention batch size must equal the features' batch size 2"),
         (F, torch.rand(2, 11), r"attention last dimension must equal the number of patches N=10"),
-        (F, torch.rand(2, 0, 10), r"attention must have at least one head"),
+        (F, torch.rand(2, 0, 10), r"attention must have no empty dimension"),
         (F, torch.ones(2, 10, dtype=torch.long), r"attention must be a floating-point"),
         (F, None, r"attention must be a torch.Tensor"),
     ],

@@ -47,22 +47,33 @@ def check_features(features: object, name: str = "features") -> torch.Tensor:
     return features
 
 
+def check_patch_tensor(
+    value: object, name: str, shapes: tuple[str, str], batch: int, tokens: int, patch_axis: int
+) -> torch.Tensor:
+    """Validate a float tensor of one of two ``shapes`` (ranks r and r + 1), with ``batch`` rows
+    and N = ``tokens`` patches along ``patch_axis``, every dimension non-empty and all finite."""
+    allowed = " or ".join(shapes)
+    rank = shapes[0].count(",") + 1
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape {allowed}; got {type(value).__name__}")
+    if value.ndim not in (rank, rank + 1):
+        raise ValueError(f"{name} must have shape {allowed} (rank {rank} or {rank + 1}); got shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor; got dtype {value.dtype}")
+    if value.shape[0] != batch:
+        raise ValueError(f"{name} batch size must equal the features' batch size {batch}; got {value.shape[0]}")
+    axis = "last dimension" if patch_axis == -1 else "second dimension"
+    if value.shape[patch_axis] != tokens:
+        raise ValueError(f"{name} {axis} must equal the number of patches N={tokens}; got {value.shape[patch_axis]}")
+    if value.numel() == 0:
+        raise ValueError(f"{name} must have no empty dimension; got shape {tuple(value.shape)}")
+    check_finite(value, name)
+    return value
+
+
 def check_attention(attention: object, batch: int, tokens: int, name: str = "attention") -> torch.Tensor:
     """Validate (B, N) scores or (B, H, N) per-head attention; return (B, N) float32 scores."""
-    if not isinstance(attention, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape (B, N) or (B, H, N); got {type(attention).__name__}")
-    if attention.ndim not in (2, 3):
-        raise ValueError(f"{name} must have shape (B, N) or (B, H, N) (rank 2 or 3); got shape {tuple(attention.shape)}")
-    if not attention.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor; got dtype {attention.dtype}")
-    if attention.shape[0] != batch:
-        raise ValueError(f"{name} batch size must equal the features' batch size {batch}; got {attention.shape[0]}")
-    if attention.shape[-1] != tokens:
-        raise ValueError(f"{name} last dimension must equal the number of patches N={tokens}; got {attention.shape[-1]}")
-    if attention.ndim == 3 and attention.shape[1] < 1:
-        raise ValueError(f"{name} must have at least one head; got shape {tuple(attention.shape)}")
-    check_finite(attention, name)
-    scores = attention.float()
+    scores = check_patch_tensor(attention, name, ("(B, N)", "(B, H, N)"), batch, tokens, -1).float()
     return scores.mean(dim=1) if scores.ndim == 3 else scores
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_attention, check_features, check_finite, check_num_tokens, check_ratio, require_signal
+from ._checks import check_attention, check_features, check_num_tokens, check_patch_tensor, check_ratio, require_signal
 from .base import Method, Selection, VisionSignals, register
 
 #: Share of the budget given to contextual tokens: the published 10 of 64 (54 dominant + 10
@@ -99,20 +99,7 @@ def _rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _check_keys(keys: object, batch: int, tokens: int) -> torch.Tensor:
     """Validate (B, N, D) or (B, N, H, d) keys; return (B, N, D) float32 (heads averaged)."""
-    if not isinstance(keys, torch.Tensor):
-        raise ValueError(f"keys must be a torch.Tensor of shape (B, N, D) or (B, N, H, d); got {type(keys).__name__}")
-    if keys.ndim not in (3, 4):
-        raise ValueError(f"keys must have shape (B, N, D) or (B, N, H, d) (rank 3 or 4); got shape {tuple(keys.shape)}")
-    if not keys.is_floating_point():
-        raise ValueError(f"keys must be a floating-point tensor; got dtype {keys.dtype}")
-    if keys.shape[0] != batch:
-        raise ValueError(f"keys batch size must equal the features' batch size {batch}; got {keys.shape[0]}")
-    if keys.shape[1] != tokens:
-        raise ValueError(f"keys second dimension must equal the number of patches N={tokens}; got {keys.shape[1]}")
-    if keys.shape[-1] < 1 or (keys.ndim == 4 and keys.shape[2] < 1):
-        raise ValueError(f"keys must have at least one head and one channel; got shape {tuple(keys.shape)}")
-    check_finite(keys, "keys")
-    metric = keys.float()
+    metric = check_patch_tensor(keys, "keys", ("(B, N, D)", "(B, N, H, d)"), batch, tokens, 1).float()
     return metric.mean(dim=2) if metric.ndim == 4 else metric
 
 

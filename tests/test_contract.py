@@ -1,0 +1,126 @@
+"""The contract every registered method keeps through ``vispruner.apply``, on every model family
+(one parametrized test, method x family).
+
+* Keeping every token reproduces the unpatched model exactly.
+* Batched generation runs (left padding, prompts of different lengths, two images in a prompt).
+* The language model sees the text and exactly the kept image tokens: ``num_tokens`` per crop
+  (LLaVA-NeXT: those of them unpadding leaves, plus the newline tokens); for an LLM-stage
+  method (FastV), layers before its cut see the whole prompt and the later ones the kept tokens.
+
+Expected counts come from the image layout worked out by hand in tests/adapters/reference.py,
+not from the adapters.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlavaNextForConditionalGeneration
+
+import vispruner
+from vispruner.methods import available_methods, get_method
+
+from .adapters.cases import BUILDERS, FAMILIES, SIZES, TEXTS
+from .adapters.reference import _crops, _layout
+from .tiny_models import tiny_inputs
+
+NUM_TOKENS = 5
+STEPS = 3
+#: Four decoder layers, so that FastV's default cut (before layer 2) has layers on both sides.
+TEXT_LAYERS = 4
+FASTV_LAYER = 2
+
+
+def model_and_inputs(family: str):
+    model = BUILDERS[family](text_layers=TEXT_LAYERS)
+    return model, tiny_inputs(model, TEXTS, image_sizes=SIZES[family])
+
+
+def generate(model, inputs):
+    return model.generate(
+        **inputs, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True, output_logits=True
+    )
+
+
+def image_layouts(model, inputs) -> list[list[tuple[int, int] | None]]:
+    """Per image, (crop, patch) of each of its placeholder tokens, None for a newline."""
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    layouts = []
+    for index, crops in enumerate(_crops(model, inputs["pixel_values"], inputs.get("image_sizes"))):
+        if isinstance(model, LlavaNextForConditionalGeneration):
+            layouts.append(_layout(model, len(crops), inputs["image_sizes"][index].tolist()))
+        else:
+            layouts.append([(0, p) for p in range(side * side)])
+    return layouts
+
+
+def rows_of_images(model, inputs) -> list[list[int]]:
+    """The images (indices in reading order) of each row."""
+    image_id = model.config.image_token_id
+    rows, count = [], 0
+    for ids in inputs["input_ids"].tolist():
+        starts = sum(1 for i, token in enumerate(ids) if token == image_id and (i == 0 or ids[i - 1] != image_id))
+        rows.append(list(range(count, count + starts)))
+        count += starts
+    return rows
+
+
+def text_counts(model, inputs) -> list[int]:
+    real = inputs["attention_mask"].bool()
+    return (real & (inputs["input_ids"] != model.config.image_token_id)).sum(dim=1).tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", available_methods())
+def test_method_through_apply(family, method):
+    model, inputs = model_and_inputs(family)
+    stock = generate(model, inputs)
+    vispruner.apply(model, 10**6, method=method)
+    everything = generate(model, inputs)
+    assert torch.equal(everything.sequences, stock.sequences)
+    for mine, theirs in zip(everything.logits, stock.logits, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+    vispruner.apply(model, NUM_TOKENS, method=method)
+    stage = get_method(method).stage
+    seen: dict[int, list[int]] = {}
+
+    def record(index):
+        def hook(module, args, kwargs):
+            if index not in seen:  # the prefill
+                hidden = args[0] if args else kwargs["hidden_states"]
+                mask = kwargs["attention_mask"]
+                # The last query of a left-padded row attends to exactly the row's real tokens.
+                seen[index] = [hidden.shape[1]] * hidden.shape[0] if mask is None else mask[:, 0, -1].sum(-1).tolist()
+        return hook
+
+    layers = model.model.language_model.layers
+    handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert out.shape == (inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + STEPS)
+
+    layouts = image_layouts(model, inputs)
+    selections = vispruner.last_selection(model)
+    kept_tokens = []
+    for layout, selection in zip(layouts, selections, strict=True):
+        crops, patches = selection.keep.shape
+        in_prompt = [sum(1 for item in layout if item is not None and item[0] == c) for c in range(crops)]
+        kept_per_crop = [
+            sum(1 for item in layout if item is not None and item[0] == c and selection.keep[item]) for c in range(crops)
+        ]
+        if stage == "vision":
+            assert selection.keep.sum(dim=1).tolist() == [min(NUM_TOKENS, patches)] * crops
+        else:  # FastV chooses among the tokens the language model received
+            assert kept_per_crop == [min(NUM_TOKENS, count) for count in in_prompt]
+        kept_tokens.append(sum(kept_per_crop) + sum(1 for item in layout if item is None))
+    images_of_rows = rows_of_images(model, inputs)
+    expected = [text + sum(kept_tokens[i] for i in images) for text, images in zip(text_counts(model, inputs), images_of_rows)]
+    full = inputs["attention_mask"].sum(dim=1).tolist()
+    cut = FASTV_LAYER if stage == "llm" else 0
+    assert all(seen[i] == full for i in range(cut))
+    assert all(seen[i] == expected for i in range(cut, len(layers)))
+    assert all(e < f for e, f in zip(expected, full))
