@@ -144,7 +144,8 @@ class LanguageStagePruner:
         flat = torch.cat(sources)
         if flat.numel() != int(is_image.sum()):
             return None  # a placeholder mismatch, which the stock forward reports in its own words
-        image = torch.repeat_interleave(torch.arange(len(sources), device=flat.device), torch.tensor([len(s) for s in sources], device=flat.device))
+        lengths = torch.tensor([len(s) for s in sources], device=flat.device)
+        image = torch.repeat_interleave(torch.arange(len(sources), device=flat.device), lengths)
         if self.settings.budget == "per_crop":
             first_crop = torch.tensor([0, *self._crops[:-1]], device=flat.device).cumsum(0)
             owner = first_crop[image] + flat.div(self.patches, rounding_mode="floor")
@@ -259,7 +260,9 @@ class LanguageStagePruner:
             return None
         return args, {**kwargs, **step.replacements}
 
-    def _compact_prefill(self, step: _Step, keep: torch.Tensor, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    def _compact_prefill(
+        self, step: _Step, keep: torch.Tensor, hidden: torch.Tensor, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
         batch, length = keep.shape
         short = compact(keep, inputs_embeds=hidden, attention_mask=step.attention_mask)
 

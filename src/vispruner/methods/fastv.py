@@ -53,7 +53,9 @@ def fastv_selection(attention: torch.Tensor, groups: torch.Tensor, num_tokens: i
     if not isinstance(attention, torch.Tensor) or attention.ndim != 2 or not attention.is_floating_point():
         raise ValueError(f"attention must be a (B, L) floating-point torch.Tensor; got {_describe(attention)}")
     if not isinstance(groups, torch.Tensor) or groups.shape != attention.shape or groups.dtype != torch.long:
-        raise ValueError(f"groups must be a (B, L) long tensor shaped like attention {tuple(attention.shape)}; got {_describe(groups)}")
+        raise ValueError(
+            f"groups must be a (B, L) long tensor shaped like attention {tuple(attention.shape)}; got {_describe(groups)}"
+        )
     if bool((groups < -1).any()):
         raise ValueError("groups must be -1 (always kept) or a group id >= 0")
     check_finite(attention, "attention")
