@@ -22,7 +22,7 @@ class Preset:
 
     Attributes:
         name: what ``--preset`` takes.
-        source: the published checkpoint whose config this copies.
+        source: the published checkpoint whose config this copies ("" for the CI sizes).
         config: builds the model config.
     """
 
@@ -62,22 +62,11 @@ def _vicuna(size: str) -> dict:
 
 
 def _llava(text: dict, vision: dict, **extra) -> "PretrainedConfig":
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    """A LLaVA-1.5 config, or LLaVA-NeXT when ``extra`` has ``image_grid_pinpoints``."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
 
-    return LlavaConfig(
-        vision_config=CLIPVisionConfig(**vision),
-        text_config=LlamaConfig(**text),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        **extra,
-    )
-
-
-def _llava_next(text: dict, vision: dict, **extra) -> "PretrainedConfig":
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
-
-    return LlavaNextConfig(
+    family = LlavaNextConfig if "image_grid_pinpoints" in extra else LlavaConfig
+    return family(
         vision_config=CLIPVisionConfig(**vision),
         text_config=LlamaConfig(**text),
         vision_feature_layer=-2,
@@ -90,13 +79,14 @@ def _llava_next(text: dict, vision: dict, **extra) -> "PretrainedConfig":
 _NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 # The tiny presets keep the LLaVA structure (feature layer -2 of a CLIP tower, a Llama language
-# model, here with grouped-query attention) at sizes that run in milliseconds, for CI.
+# model, here with grouped-query attention, deep enough for FastV at its default layer 2) at
+# sizes that run in milliseconds, for CI.
 _TINY_VISION = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     image_size=112, patch_size=14, projection_dim=64,
 )
 _TINY_TEXT = dict(
-    hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+    hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
     num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048, pad_token_id=0,
 )
 
@@ -116,15 +106,15 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "llava-next-7b",
             "llava-hf/llava-v1.6-vicuna-7b-hf",
-            lambda: _llava_next(
+            lambda: _llava(
                 _vicuna("7b"), _clip_l_336(), image_token_id=32000, image_grid_pinpoints=_NEXT_PINPOINTS
             ),
         ),
-        Preset("tiny-llava", "none (CI size)", lambda: _llava(_TINY_TEXT, _TINY_VISION, image_token_id=511)),
+        Preset("tiny-llava", "", lambda: _llava(_TINY_TEXT, _TINY_VISION, image_token_id=511)),
         Preset(
             "tiny-llava-next",
-            "none (CI size)",
-            lambda: _llava_next(
+            "",
+            lambda: _llava(
                 _TINY_TEXT, _TINY_VISION, image_token_id=511, image_grid_pinpoints=[[112, 224], [224, 112], [224, 224]]
             ),
         ),

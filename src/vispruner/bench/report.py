@@ -97,7 +97,7 @@ def plot(result: BenchResult, path: str | Path) -> None:
     full = next(row for row in result.rows if row["method"] == FULL)
     methods = sorted({row["method"] for row in result.rows} - {FULL})
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    panels = (("prefill_ms", "prefill latency (ms)"), ("llm_prefill_tflops_analytic", "LM prefill TFLOPs"))
+    panels = (("prefill_ms", "prefill latency (ms)"), ("llm_prefill_tflops_analytic", "LM prefill TFLOPs (formula)"))
     for axis, (key, label) in zip(axes, panels):
         for method in methods or [FULL]:
             rows = [full] + sorted(
@@ -105,6 +105,9 @@ def plot(result: BenchResult, path: str | Path) -> None:
             )
             axis.plot([row["num_tokens"] for row in rows], [row[key] for row in rows], marker="o", label=method)
         axis.set_xscale("log", base=2)
+        ticks = sorted({row["num_tokens"] for row in result.rows})
+        axis.set_xticks(ticks, [str(tick) for tick in ticks])
+        axis.minorticks_off()
         axis.set_xlabel("visual tokens kept per crop")
         axis.set_ylabel(label)
         axis.grid(True, alpha=0.3)

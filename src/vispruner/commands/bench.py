@@ -21,6 +21,13 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _label(args: argparse.Namespace, presets: dict) -> str:
+    if args.preset is None:
+        return args.model
+    source = presets[args.preset].source
+    return f"{args.preset} preset (architecture of {source})" if source else f"{args.preset} preset"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="local path or hub id of a LLaVA-1.5 / LLaVA-NeXT checkpoint")
@@ -96,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             model,
             settings,
             full_layers=full_layers,
-            label=args.preset or args.model,
+            label=_label(args, PRESETS),
             random_weights=args.preset is not None,
             progress=not args.no_progress,
         )

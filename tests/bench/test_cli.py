@@ -1,0 +1,65 @@
+"""``vispruner bench`` end to end on the tiny presets, through the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import vispruner
+from vispruner.cli import main
+
+ROW_KEYS = {
+    "method", "num_tokens", "text_tokens", "prefill_ms", "decode_ms_per_token", "pruning_overhead_ms",
+    "pruning_overhead_share", "llm_prefill_tflops_analytic", "llm_prefill_tflops_counted", "vision_tflops",
+    "kv_cache_bytes", "peak_memory_bytes",
+}
+
+
+@pytest.mark.parametrize("preset,visual", [("tiny-llava", 64), ("tiny-llava-next", 336)])
+def test_bench_writes_every_key_the_table_and_the_plot(tmp_path, capsys, preset, visual):
+    out, picture = tmp_path / "bench.json", tmp_path / "bench.png"
+    argv = ["bench", "--preset", preset, "--tokens", "64,16", "--text-tokens", "8", "--repeats", "1",
+            "--new-tokens", "2", "--json", str(out), "--plot", str(picture), "--no-progress"]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    # Every registered method by default; 64 is the unpruned model (64 patches per crop).
+    methods = vispruner.available_methods()
+    assert [(row["method"], row["num_tokens"]) for row in rows] == [("none", 64)] + [(m, 16) for m in methods]
+    assert result["meta"]["skipped"] == []
+    for row in rows:
+        assert ROW_KEYS <= set(row)
+        assert row["prefill_ms"] > 0 and row["decode_ms_per_token"] > 0 and row["peak_memory_bytes"] > 0
+    assert rows[0]["visual_tokens"] == visual
+    for row in rows[1:]:
+        assert row["kv_cache_bytes"] < rows[0]["kv_cache_bytes"]
+        assert row["llm_prefill_tflops_counted"] < rows[0]["llm_prefill_tflops_counted"]
+    assert result["meta"]["random_weights"] and not result["meta"]["reduced_depth"]
+    assert picture.read_bytes().startswith(b"\x89PNG")
+    table = capsys.readouterr().out
+    assert "prefill ms" in table and all(method in table for method in methods)
+
+
+def test_reduced_depth_is_said_plainly(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--preset", "tiny-llava", "--layers", "1", "--tokens", "8", "--methods", "vispruner",
+            "--repeats", "1", "--new-tokens", "2", "--json", str(out), "--markdown", "--no-progress"]
+    assert main(argv) == 0
+    meta = json.loads(out.read_text())["meta"]
+    assert (meta["llm_layers"], meta["llm_layers_full"], meta["reduced_depth"]) == (1, 4, True)
+    assert "cut to 1 of its 4 layers" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--preset", "tiny-llava", "--layers", "5"], r"layers must be an integer in \[1, 4\]"),
+        (["--preset", "no-such"], "preset must be one of"),
+        (["--preset", "tiny-llava", "--methods", "nope"], "method must be one of"),
+        (["--preset", "tiny-llava", "--new-tokens", "1"], "new_tokens must be an integer >= 2"),
+    ],
+)
+def test_bad_arguments_name_the_argument(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["bench", *argv, "--no-progress"])
