@@ -21,9 +21,10 @@ STEPS = 4
 LAYERS = 4
 
 
-def model_and_inputs(family: str, attn_implementation: str = "sdpa"):
+def model_and_inputs(family: str, attn_implementation: str = "sdpa", texts: list[str] = TEXTS):
     model = BUILDERS[family](attn_implementation=attn_implementation, text_layers=LAYERS)
-    return model, tiny_inputs(model, TEXTS, image_sizes=SIZES[family])
+    sizes = SIZES[family] if texts is TEXTS or SIZES[family] is None else SIZES[family][: len(texts)]
+    return model, tiny_inputs(model, texts, image_sizes=sizes)
 
 
 def new_tokens(output, inputs) -> list[list[int]]:
@@ -42,6 +43,16 @@ def test_greedy_tokens_and_logits_match_reference(family, attn_implementation, l
         tokens, expected = fastv_greedy(model, embeds, groups, layer, NUM_TOKENS, STEPS)
         assert new_tokens(out.sequences, inputs)[row] == tokens
         torch.testing.assert_close(logits[row], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_single_unpadded_prompt_matches_reference(family):
+    # generate drops the all-ones mask: the layers after the cut get no mask and gapped positions.
+    model, inputs = model_and_inputs(family, texts=["w3 <image> w4 w5"])
+    ((embeds, groups),) = prompt_rows(model, inputs)
+    vispruner.apply(model, NUM_TOKENS, method="fastv")
+    out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+    assert new_tokens(out, inputs) == [fastv_greedy(model, embeds, groups, 2, NUM_TOKENS, STEPS)[0]]
 
 
 @pytest.mark.parametrize("budget", ["per_crop", "per_image"])

@@ -13,8 +13,8 @@ runs on the shortened cache. Where transformers 5.x lets us in:
   FlashAttention keep working; eager attention is never required.
 * A pre-hook on every layer from ``K`` on substitutes the shortened inputs: at the prefill,
   layer ``K`` selects the tokens and compacts the hidden states (rows re-padded on the left),
-  the 2D mask, the positions and the rotary embeddings; kept tokens keep their original
-  positions, as in the authors' code. At later steps those layers get a mask built from the
+  the 2D mask and the rotary embeddings; kept tokens keep their original positions, as in the
+  authors' code. At later steps those layers get a mask built from the
   compacted 2D mask, since their cache is shorter than the first ``K`` layers'.
 """
 
@@ -274,9 +274,11 @@ class LanguageStagePruner:
         step.replacements = {
             "attention_mask": self._mask(short.inputs_embeds, short.attention_mask, kwargs.get("past_key_values")),
             "position_embeddings": (along(cos), along(sin)),
+            # The rotary embeddings carry the kept tokens' original, gapped positions. Layers read
+            # position_ids only to detect packed sequences (FlashAttention, one unpadded row),
+            # which gapped positions would fake.
+            "position_ids": None,
         }
-        if kwargs.get("position_ids") is not None:
-            step.replacements["position_ids"] = along(kwargs["position_ids"])
         step.prefix = short.prefix
         return short.inputs_embeds
 
