@@ -110,14 +110,21 @@ def reference_images(
     features, attention, keys = vision_signals(model, torch.cat(crops), "keys" in chosen.needs)
     patches = features.shape[1]
     side = int(patches**0.5)
+    tokens = None
+    if "projected" in chosen.needs:
+        with torch.no_grad():
+            tokens = model.model.multi_modal_projector(features)
     if budget == "per_image":
         selections = []
-        for f, a, k in zip(features.split(counts), attention.split(counts), _split(keys, counts)):
+        for f, a, k, t in zip(
+            features.split(counts), attention.split(counts), _split(keys, counts), _split(tokens, counts)
+        ):
             signals = VisionSignals(
                 f.reshape(1, -1, f.shape[-1]),
                 a.reshape(1, -1),
                 None if k is None else k.reshape(1, -1, *k.shape[2:]),
                 (len(f) * side, side),
+                None if t is None else t.reshape(1, -1, t.shape[-1]),
             )
             selections.append(chosen.select(signals, num_tokens, **options))
         keep = torch.cat([s.keep.reshape(-1, patches) for s in selections])
@@ -127,7 +134,7 @@ def reference_images(
         replaced = [s.features for s in selections]
         replaced = None if replaced[0] is None else torch.cat([r.reshape(-1, patches, r.shape[-1]) for r in replaced])
     else:
-        selection = chosen.select(VisionSignals(features, attention, keys, (side, side)), num_tokens, **options)
+        selection = chosen.select(VisionSignals(features, attention, keys, (side, side), tokens), num_tokens, **options)
         keep, important, replaced = selection.keep, selection.important, selection.features
     with torch.no_grad():
         projected = model.model.multi_modal_projector(features if replaced is None else replaced)

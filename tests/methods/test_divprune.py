@@ -80,10 +80,14 @@ def test_half_precision_gives_the_float32_result():
     assert torch.equal(divprune_selection(features, 9).keep, divprune_selection(features.float(), 9).keep)
 
 
-def test_registered_without_options_or_needs():
+def test_registered_to_choose_among_the_projected_tokens():
     method = get_method("divprune")
-    assert method.options == () and method.needs == frozenset()
-    assert method.select(VisionSignals(torch.randn(1, 7, 2)), 3).keep.sum() == 3
+    assert method.options == () and method.needs == frozenset({"projected"})
+    features, projected = torch.randn(1, 7, 2), torch.randn(1, 7, 5)
+    chosen = method.select(VisionSignals(features, projected=projected), 3).keep
+    assert torch.equal(chosen, divprune_selection(projected, 3).keep)
+    with pytest.raises(ValueError, match="divprune' needs the projected visual tokens"):
+        method.select(VisionSignals(features), 3)
 
 
 @pytest.mark.parametrize(

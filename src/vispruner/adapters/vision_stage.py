@@ -175,7 +175,9 @@ class VisionStagePruner:
                 features = inputs[0]
                 scores = capture.scores() if capture is not None else None
                 keys = capture.keys() if capture is not None else None
-                keep, important, replaced = self._select(features, scores, keys, crops)
+                # forward, not __call__: this hook must not fire again for its own projection.
+                projected = module.forward(features) if "projected" in needs else None
+                keep, important, replaced = self._select(features, scores, keys, projected, crops)
                 chosen.update(keep=keep, important=important)
                 return None if replaced is None else (replaced.to(features.dtype), *inputs[1:])
 
@@ -211,6 +213,7 @@ class VisionStagePruner:
         features: torch.Tensor,
         scores: torch.Tensor | None,
         keys: torch.Tensor | None,
+        projected: torch.Tensor | None,
         crops: list[int],
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Run the method on (total crops, N, C) features; return crop-level keep, important, features.
@@ -244,6 +247,7 @@ class VisionStagePruner:
                 attention=gather(scores),
                 keys=gather(keys),
                 grid=(count * self.grid[0], self.grid[1]),
+                projected=gather(projected),
             )
             with torch.no_grad():
                 selection = settings.method.select(signals, settings.num_tokens, **settings.options)

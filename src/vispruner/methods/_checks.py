@@ -81,6 +81,7 @@ _SIGNALS = {
     "attention": "the [CLS] attention",
     "keys": "the vision layer's attention keys",
     "grid": "the patch grid (rows, cols)",
+    "projected": "the projected visual tokens",
 }
 
 

@@ -24,12 +24,16 @@ class VisionSignals:
         keys: (B, N, H, d) attention keys of that layer per head (the key projection's output),
             or None.
         grid: (rows, cols) of the patch grid, rows * cols == N, or None when not a grid.
+        projected: (B, N, D) the projector's output for ``features`` (the tokens the language
+            model would receive), for methods that choose among those; None unless a method
+            lists ``"projected"`` in its ``needs``.
     """
 
     features: "torch.Tensor"
     attention: "torch.Tensor | None" = None
     keys: "torch.Tensor | None" = None
     grid: "tuple[int, int] | None" = None
+    projected: "torch.Tensor | None" = None
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_features, check_num_tokens
+from ._checks import check_features, check_num_tokens, require_signal
 from .base import Method, Selection, VisionSignals, register
 
 
@@ -16,7 +16,8 @@ def divprune_selection(features: torch.Tensor, num_tokens: int) -> Selection:
     """Choose ``min(num_tokens, N)`` mutually distant patches per image.
 
     Args:
-        features: (B, N, C) patch features ([CLS] removed), any float dtype and device.
+        features: (B, N, C) token features ([CLS] removed), any float dtype and device; through
+            ``apply``, the projected visual tokens, as the authors use.
         num_tokens: T >= 1 visual tokens to keep per image; T >= N keeps all N.
 
     Returns:
@@ -53,7 +54,8 @@ def divprune_selection(features: torch.Tensor, num_tokens: int) -> Selection:
 
 
 def _from_signals(signals: VisionSignals, num_tokens: int) -> Selection:
-    return divprune_selection(signals.features, num_tokens)
+    # The authors measure diversity among the projected tokens, the language model's input.
+    return divprune_selection(require_signal(signals, "projected", "divprune"), num_tokens)
 
 
 METHOD = register(
@@ -61,6 +63,7 @@ METHOD = register(
         name="divprune",
         select=_from_signals,
         paper="https://arxiv.org/abs/2503.02175",
-        summary="greedy max-min diversity on the cosine distance of the features",
+        summary="greedy max-min diversity on the cosine distance of the projected tokens",
+        needs=frozenset({"projected"}),
     )
 )
