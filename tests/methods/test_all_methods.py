@@ -46,6 +46,6 @@ def test_batch_equals_images_one_at_a_time(name, problem):
 @pytest.mark.parametrize("name", VISION_METHODS)
 @pytest.mark.parametrize("num_tokens", [0, -1, 2.5, "3", None, True])
 def test_bad_budget_names_num_tokens(name, num_tokens):
-    signals = VisionSignals(torch.randn(2, 12, 4), torch.rand(2, 12), torch.randn(2, 12, 3), (3, 4))
+    signals = VisionSignals(torch.randn(2, 12, 4), torch.rand(2, 12), torch.randn(2, 12, 3), (3, 4), torch.randn(2, 12, 5))
     with pytest.raises(ValueError, match=r"num_tokens must be an integer >= 1"):
         get_method(name).select(signals, num_tokens)
