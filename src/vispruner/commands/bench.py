@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed prefills before timing each row (default 1)")
     parser.add_argument("--layers", type=int, default=None,
                         help="cut the language model to its first N layers (the report says so)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice); on a busy machine 1 avoids the "
+                        "stalls of threads waiting for each other")
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights and inputs (default 0)")
     parser.add_argument("--json", metavar="PATH", help="write every row and the run's description as JSON")
     parser.add_argument("--plot", metavar="PATH.png", help="plot latency and FLOPs against tokens (needs matplotlib)")
@@ -73,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
     )
     from vispruner.bench.report import header
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"vispruner bench: --threads must be an integer >= 1; got {args.threads}")
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("vispruner bench: --device cuda was asked for, but torch sees no CUDA device")
