@@ -17,6 +17,8 @@ _COLUMNS = (
     ("to LM", "visual_tokens", "{}"),
     ("prefill ms", "prefill_ms", "{:.1f}"),
     ("speedup", "prefill_speedup", "{:.2f}x"),
+    ("vision ms", "vision_ms", "{:.1f}"),
+    ("LM ms", "llm_prefill_ms", "{:.1f}"),
     ("decode ms/tok", "decode_ms_per_token", "{:.1f}"),
     ("overhead ms", "pruning_overhead_ms", "{:.1f}"),
     ("% full prefill", "pruning_overhead_share_of_full", "{:.2%}"),

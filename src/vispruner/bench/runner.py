@@ -17,6 +17,8 @@ Each row is measured the same way, on the same inputs, in one process:
   does shrink with the kept tokens, a small saving that the figure nets out;
 * ``prefill_speedup``: the median over the repeats of unpruned / pruned time of that adjacent
   pair, so that drifts in a shared machine's speed cancel;
+* ``vision_ms`` (vision tower and projector) and ``llm_prefill_ms`` (language model and LM
+  head): the medians of those forwards in the instrumented prefills;
 * FLOPs and the KV cache: one forward under a FLOP counter; peak memory: one ``generate``.
 """
 
