@@ -51,6 +51,22 @@ def test_reduced_depth_is_said_plainly(tmp_path, capsys):
     assert "cut to 1 of its 4 layers" in capsys.readouterr().out
 
 
+def test_a_checkpoint_on_disk_loads_only_the_layers_asked_for(tmp_path):
+    from vispruner.bench import build_preset
+
+    model, _ = build_preset("tiny-llava")
+    model.save_pretrained(tmp_path / "checkpoint")
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", str(tmp_path / "checkpoint"), "--layers", "3", "--tokens", "16", "--methods",
+            "fastv", "--repeats", "1", "--new-tokens", "2", "--json", str(out), "--no-progress"]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert (result["meta"]["llm_layers"], result["meta"]["llm_layers_full"]) == (3, 4)
+    assert not result["meta"]["random_weights"]
+    fastv = result["rows"][1]
+    assert fastv["method"] == "fastv" and len(fastv["llm_layer_tokens"]) == 3
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [

@@ -137,7 +137,11 @@ def _cut_layers(config: "PretrainedConfig", layers: int | None) -> int:
 
 
 def build_preset(
-    name: str, layers: int | None = None, dtype: "torch.dtype | None" = None, seed: int = 0
+    name: str,
+    layers: int | None = None,
+    dtype: "torch.dtype | None" = None,
+    seed: int = 0,
+    device: "str | torch.device" = "cpu",
 ) -> tuple["PreTrainedModel", int]:
     """A random-weight model of preset ``name`` (see :data:`PRESETS`) and its full LM depth.
 
@@ -146,6 +150,8 @@ def build_preset(
         layers: keep only the first N language-model layers (1 <= N <= full depth); None keeps all.
         dtype: parameter dtype (default float32).
         seed: seed of the random weights.
+        device: where the weights are created and initialised (a full 7B model is initialised
+            in seconds on a GPU, in minutes on a CPU).
     """
     import torch
     from transformers import AutoModelForImageTextToText
@@ -155,7 +161,8 @@ def build_preset(
     config = PRESETS[name].config()
     full = _cut_layers(config, layers)
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config, dtype=dtype or torch.float32)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype or torch.float32)
     return model.eval(), full
 
 

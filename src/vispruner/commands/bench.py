@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings.check()
         if args.preset is not None:
-            model, full_layers = build_preset(args.preset, args.layers, dtype, args.seed)
+            model, full_layers = build_preset(args.preset, args.layers, dtype, args.seed, device)
         else:
             model, full_layers = load_model(args.model, args.layers, dtype)
     except ValueError as error:
