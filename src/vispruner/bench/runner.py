@@ -86,7 +86,8 @@ def describe_device(device: torch.device) -> str:
             name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"CPU {name}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"CPU {name}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def _parts(model: PreTrainedModel) -> dict[str, torch.nn.Module]:
