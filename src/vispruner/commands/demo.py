@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from PIL import Image
+    from transformers.utils import logging
 
     import vispruner
     from vispruner.eval.answering import answer
@@ -35,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.image is not None and args.question is None:
         raise ValueError("question must be given with --image (the default question is about the generated scene)")
+    logging.disable_progress_bar()  # the demo's output is the comparison, not loading bars
     model, processor = load_model(args.model)
     if args.image is None:
         sample = make_sample(DEMO_SEED)

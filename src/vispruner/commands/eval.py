@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.model}: {args.n} held-out questions (seed {args.seed}), all {total} tokens: {100 * full:.1f}%")
     print(f"{'method':12s} {'budget':>7s} {'tokens':>6s} {'accuracy':>9s} {'retained':>9s}")
     for row in rows:
-        print(f"{row.method:12s} {row.budget:>7s} {row.num_tokens:6d} {100 * row.accuracy:8.1f}% {100 * row.retained:8.1f}%")
+        retained = "-" if row.retained is None else f"{100 * row.retained:.1f}%"
+        print(f"{row.method:12s} {row.budget:>7s} {row.num_tokens:6d} {100 * row.accuracy:8.1f}% {retained:>9s}")
     if args.json:
         report = {
             "model": args.model,

@@ -18,7 +18,7 @@ class Row:
     num_tokens: int
     fraction: float
     accuracy: float
-    retained: float  # accuracy / full-token accuracy
+    retained: float | None  # accuracy / full-token accuracy (None when that is 0)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,7 +68,7 @@ def evaluate(
                 torch.manual_seed(seed)
                 with vispruner.pruned(model, num_tokens=budget.num_tokens, method=method, **options):
                     score = accuracy(model, processor, samples, batch_size, bar.update)
-                retained = score / full if full else float("nan")
+                retained = score / full if full else None
                 rows.append(Row(method, budget.given, budget.num_tokens, budget.fraction, score, retained))
     return full, rows
 

@@ -83,24 +83,24 @@ def build_processor() -> LlavaProcessor:
 
 
 def build_model(processor: LlavaProcessor, seed: int = 0) -> LlavaForConditionalGeneration:
-    """A freshly initialised testbed model (about 2.5 M parameters) for ``processor``'s vocabulary."""
+    """A freshly initialised testbed model (about 1.4 M parameters) for ``processor``'s vocabulary."""
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     tokenizer = processor.tokenizer
     vision = CLIPVisionConfig(
-        hidden_size=128,
-        intermediate_size=384,
+        hidden_size=96,
+        intermediate_size=288,
         num_hidden_layers=4,
         num_attention_heads=4,
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
-        projection_dim=128,
+        projection_dim=96,
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=160,
-        intermediate_size=480,
+        hidden_size=128,
+        intermediate_size=384,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=4,

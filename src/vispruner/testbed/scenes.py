@@ -29,8 +29,9 @@ SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS = ((90, 90, 90), (60, 70, 80), (110, 100, 85), (70, 85, 70), (40, 40, 50), (120, 115, 125))
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
 QUESTION_TYPES = ("colour", "shape", "count", "presence", "side")
-#: Object sizes in pixels (bounding-box side): the small ones fit inside one patch.
-SIZES = (10, 12, 16, 22, 28)
+#: Object sizes in pixels (bounding-box side): the small ones fit inside one 14 px patch, and none
+#: is so large that its inner patches are plain colour, which would say nothing of its shape.
+SIZES = (10, 12, 14, 16, 20)
 MAX_OBJECTS = 5
 SIDE_MARGIN = 6
 
@@ -49,6 +50,8 @@ class Question:
     text: str
     answer: str
     kind: str
+    #: (colour, shape) of the objects the answer depends on (none for an absent object).
+    about: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,10 @@ def make_scene(seed: int) -> Scene:
     return Scene(tuple(objects), rng.choice(BACKGROUNDS), seed)
 
 
+def _pairs(objects: list[Shape] | tuple[Shape, ...]) -> tuple[tuple[str, str], ...]:
+    return tuple((o.colour, o.shape) for o in objects)
+
+
 def _plural(shape: str) -> str:
     return shape + "s"
 
@@ -112,24 +119,24 @@ def ask(scene: Scene, kind: str, rng: random.Random) -> Question:
         unique = [s for s in SHAPES if len(by_shape[s]) == 1]
         if unique:
             shape = rng.choice(unique)
-            return Question(f"what color is the {shape} ?", by_shape[shape][0].colour, kind)
+            return Question(f"what color is the {shape} ?", by_shape[shape][0].colour, kind, _pairs(by_shape[shape]))
         kind = "shape"
     if kind == "shape":
         unique = [c for c in COLOURS if len(by_colour[c]) == 1]
         colour = rng.choice(unique) if unique else None
         if colour is None:  # unreachable with <= 5 objects and 3 shapes, but stay total
             return ask(scene, "count", rng)
-        return Question(f"what shape is the {colour} object ?", by_colour[colour][0].shape, kind)
+        return Question(f"what shape is the {colour} object ?", by_colour[colour][0].shape, kind, _pairs(by_colour[colour]))
     if kind == "count":
         if rng.random() < 0.5:
             shape = rng.choice(SHAPES)
-            return Question(f"how many {_plural(shape)} are there ?", NUMBERS[len(by_shape[shape])], kind)
-        return Question("how many objects are there ?", NUMBERS[len(objs)], kind)
+            return Question(f"how many {_plural(shape)} are there ?", NUMBERS[len(by_shape[shape])], kind, _pairs(by_shape[shape]))
+        return Question("how many objects are there ?", NUMBERS[len(objs)], kind, _pairs(objs))
     if kind == "presence":
         present = {(o.colour, o.shape) for o in objs}
         if rng.random() < 0.5:
             colour, shape = rng.choice(sorted(present))
-            return Question(f"is there a {colour} {shape} ?", "yes", kind)
+            return Question(f"is there a {colour} {shape} ?", "yes", kind, ((colour, shape),))
         absent = sorted({(c, s) for c in COLOURS for s in SHAPES} - present)
         adversarial = [k for k in absent if k[0] in by_colour and by_colour[k[0]]]
         colour, shape = rng.choice(adversarial if adversarial and rng.random() < 0.5 else absent)
@@ -143,9 +150,9 @@ def ask(scene: Scene, kind: str, rng: random.Random) -> Question:
         obj = rng.choice(axis)
         if horizontal:
             answer = "left" if obj.x < IMAGE_SIZE / 2 else "right"
-            return Question(f"is the {obj.colour} {obj.shape} on the left or the right ?", answer, kind)
+            return Question(f"is the {obj.colour} {obj.shape} on the left or the right ?", answer, kind, _pairs([obj]))
         answer = "top" if obj.y < IMAGE_SIZE / 2 else "bottom"
-        return Question(f"is the {obj.colour} {obj.shape} at the top or the bottom ?", answer, kind)
+        return Question(f"is the {obj.colour} {obj.shape} at the top or the bottom ?", answer, kind, _pairs([obj]))
     raise ValueError(f"kind must be one of {QUESTION_TYPES}, got {kind!r}")
 
 

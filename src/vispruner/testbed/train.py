@@ -4,10 +4,18 @@
 
 Stage 1 trains the CLIP tower alone: heads on its [CLS] token predict which (colour, shape)
 pairs are present and how many objects there are, so that [CLS] attention has to find the
-objects (the signal VisPruner ranks patches by); a head on each patch names the object it shows.
-Stage 2 freezes the tower and trains the projector alone on the questions (LLaVA's alignment).
-Stage 3 trains projector and language model together on the questions, tower still frozen. The
-heads of stage 1 are thrown away; what is saved is a stock ``LlavaForConditionalGeneration``.
+objects (the signal VisPruner ranks patches by); heads on each patch name the colour and shape
+it shows. Stage 2 (LLaVA's projector alignment, off by default: ``--align-steps``) trains the
+projector alone on the questions. Stage 3 trains projector and language model together on the
+questions, tower frozen, its features computed once.
+
+A language model trained from scratch sits at the answer prior for a long time before it learns
+to look for the object a question names. Two training aids get it there within the CPU budget:
+a curriculum that first shows it only the patches with objects plus a few others (growing to
+all patches by ``--curriculum`` steps), and a grounding loss, a linear probe on the middle decoder
+layer that must tell at each image token whether it shows an object the question is about.
+The stage-1 heads and the probe are thrown away: what is saved is a stock
+``LlavaForConditionalGeneration`` and its processor.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .model import NUM_PATCHES, PATCH_SIZE, WEIGHTS, build_model, build_processor, prompt
-from .scenes import COLOURS, MAX_OBJECTS, QUESTION_TYPES, SHAPES, Scene, ask, held_out, make_scene
+from .scenes import COLOURS, MAX_OBJECTS, QUESTION_TYPES, SHAPES, Question, Scene, ask, held_out, make_scene
 
 PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
 GRID = int(math.isqrt(NUM_PATCHES))
@@ -60,27 +68,39 @@ def tower_targets(scenes: list[Scene]) -> dict[str, torch.Tensor]:
 
 
 class TowerHeads(nn.Module):
-    """Stage-1 heads: on [CLS] (presence, count) and on every patch (which object, if any)."""
+    """Stage-1 heads: on [CLS] (presence, count) and on every patch (colour and shape it shows, if any)."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
         self.presence = nn.Linear(width, len(PAIRS))
         self.count = nn.Linear(width, MAX_OBJECTS + 1)
-        self.patch = nn.Linear(width, len(PAIRS) + 1)
+        self.colour = nn.Linear(width, len(COLOURS) + 1)
+        self.shape = nn.Linear(width, len(SHAPES) + 1)  # class 0 unused: shape is asked only of objects
 
     def loss(self, out, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         cls = out.pooler_output
         patches = out.last_hidden_state[:, 1:]
-        presence = F.binary_cross_entropy_with_logits(self.presence(cls), targets["presence"])
-        count = F.cross_entropy(self.count(cls), targets["count"])
-        patch_logits = self.patch(patches)
-        patch = F.cross_entropy(patch_logits.flatten(0, 1), targets["patch"].flatten())
+        presence_logits, count_logits = self.presence(cls), self.count(cls)
+        # Pair id p + 1 (0 = none) factorises into colour p // len(SHAPES) and shape p % len(SHAPES).
+        pair = targets["patch"] - 1
+        colour = torch.where(pair >= 0, pair // len(SHAPES) + 1, 0)
+        shape = torch.where(pair >= 0, pair % len(SHAPES) + 1, 0)
+        colour_logits, shape_logits = self.colour(patches), self.shape(patches)
+        objects = pair >= 0
+        # Shape is learnt only where there is one: over all patches, "none" would drown it out.
+        loss = (
+            F.binary_cross_entropy_with_logits(presence_logits, targets["presence"])
+            + F.cross_entropy(count_logits, targets["count"])
+            + F.cross_entropy(colour_logits.flatten(0, 1), colour.flatten())
+            + 2 * F.cross_entropy(shape_logits[objects], shape[objects])
+        )
         stats = {
-            "presence_acc": ((self.presence(cls) > 0) == targets["presence"].bool()).float().mean().item(),
-            "count_acc": (self.count(cls).argmax(-1) == targets["count"]).float().mean().item(),
-            "patch_acc": (patch_logits.argmax(-1) == targets["patch"]).float().mean().item(),
+            "presence_acc": ((presence_logits > 0) == targets["presence"].bool()).float().mean().item(),
+            "count_acc": (count_logits.argmax(-1) == targets["count"]).float().mean().item(),
+            "object_colour_acc": (colour_logits.argmax(-1) == colour)[objects].float().mean().item(),
+            "object_shape_acc": (shape_logits.argmax(-1) == shape)[objects].float().mean().item(),
         }
-        return presence + count + patch, stats
+        return loss, stats
 
 
 def cosine(step: int, total: int, warmup: int) -> float:
@@ -136,16 +156,21 @@ class QuestionBatcher:
         self.image_id = self.tokenizer.convert_tokens_to_ids("<image>")
         self.cache: dict[str, list[int]] = {}
 
-    def ids(self, question: str) -> list[int]:
+    def ids(self, question: str, images: int = NUM_PATCHES) -> list[int]:
+        """The prompt's ids with ``images`` image placeholders."""
         if question not in self.cache:
-            ids = self.tokenizer(prompt(self.processor, question), add_special_tokens=True)["input_ids"]
-            position = ids.index(self.image_id)
-            self.cache[question] = ids[:position] + [self.image_id] * NUM_PATCHES + ids[position + 1 :]
-        return self.cache[question]
+            self.cache[question] = self.tokenizer(prompt(self.processor, question), add_special_tokens=True)["input_ids"]
+        ids = self.cache[question]
+        position = ids.index(self.image_id)
+        return ids[:position] + [self.image_id] * images + ids[position + 1 :]
 
-    def build(self, questions: list[str], answers: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Right-padded ids, attention mask and labels (only the answer word and </s> count)."""
-        rows = [self.ids(q) for q in questions]
+    def build(
+        self, questions: list[str], answers: list[str], images: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded ids, attention mask and labels (only the answer word and </s> count);
+        row b has ``images[b]`` image placeholders (default: all patches)."""
+        images = images or [NUM_PATCHES] * len(questions)
+        rows = [self.ids(q, n) for q, n in zip(questions, images)]
         answer_ids = self.tokenizer.convert_tokens_to_ids(answers)
         length = max(len(r) for r in rows) + 2
         ids = torch.full((len(rows), length), self.tokenizer.pad_token_id)
@@ -159,14 +184,40 @@ class QuestionBatcher:
         return ids, mask, labels
 
 
-def language_logits(model, ids: torch.Tensor, mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """Logits of the stock model on precomputed tower features: the same path as ``forward``."""
+def language_forward(model, ids, mask, features, keep: torch.Tensor | None = None, layer: int | None = None):
+    """Logits of the stock model on precomputed tower features (the same path as ``forward``),
+    with only the patches in ``keep`` (B, N) when given, and the hidden states after decoder
+    layer ``layer`` when one is named."""
     embeds = model.get_input_embeddings()(ids)
     image = model.model.multi_modal_projector(features.float())
+    image = image[keep] if keep is not None else image
     slots = ids == model.config.image_token_index
     embeds = embeds.masked_scatter(slots[..., None], image.to(embeds.dtype))
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-    return model.lm_head(hidden)
+    out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=layer is not None)
+    logits = model.lm_head(out.last_hidden_state)
+    return logits, (out.hidden_states[layer] if layer is not None else None)
+
+
+def curriculum_keep(patch_labels: torch.Tensor, share_full: float, rng: random.Random) -> torch.Tensor:
+    """(B, N) bool: all patches for a ``share_full`` of the rows; for the others, the patches that
+    show objects and 4 to 12 others, so that the image tokens that matter are not yet drowned
+    out by the background while the model learns to look for them."""
+    keep = torch.ones(patch_labels.shape, dtype=torch.bool)
+    for b in range(len(keep)):
+        if rng.random() >= share_full:
+            background = (patch_labels[b] == 0).nonzero().flatten().tolist()
+            keep[b] = patch_labels[b] > 0
+            keep[b, rng.sample(background, min(len(background), rng.randint(4, 12)))] = True
+    return keep
+
+
+def grounding_targets(patch_labels: torch.Tensor, questions: list[Question]) -> torch.Tensor:
+    """(B, N) float: 1 where a patch shows an object the question is about."""
+    targets = torch.zeros(patch_labels.shape)
+    for b, question in enumerate(questions):
+        for pair in question.about:
+            targets[b] += (patch_labels[b] == PAIRS.index(pair) + 1).float()
+    return targets
 
 
 def sample_questions(scenes: list[Scene], indices: list[int], rng: random.Random):
@@ -188,7 +239,7 @@ def evaluate_features(model, batcher, features, questions) -> dict[str, float]:
     for i in range(0, len(questions), 256):
         qs = questions[i : i + 256]
         ids, mask, labels = batcher.build([q.text for q in qs], [q.answer for q in qs])
-        logits = language_logits(model, ids, mask, features[i : i + 256])
+        logits, _ = language_forward(model, ids, mask, features[i : i + 256])
         first = (labels != -100).float().argmax(-1)
         rows = torch.arange(len(qs))
         predicted = logits[rows, first - 1].argmax(-1)
@@ -199,24 +250,36 @@ def evaluate_features(model, batcher, features, questions) -> dict[str, float]:
     return accuracy
 
 
-def train_language(model, batcher, features, scenes, val, steps, batch, lr, seed, params, name, log) -> None:
-    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+def train_language(model, batcher, data, val, steps, batch, lr, seed, params, name, log, curriculum=0) -> None:
+    """Answer loss plus the grounding loss (see the module notes) over ``steps`` steps; image
+    sequences grow from object patches to all patches over the first ``curriculum`` steps."""
+    features, scenes, patch_labels = data
+    layer = model.config.text_config.num_hidden_layers // 2
+    probe = nn.Linear(model.config.text_config.hidden_size, 1)
+    optimiser = torch.optim.AdamW(params + list(probe.parameters()), lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     model.model.language_model.train()
     for step in range(steps):
         indices = [rng.randrange(len(scenes)) for _ in range(batch)]
         questions = sample_questions(scenes, indices, rng)
-        ids, mask, labels = batcher.build([q.text for q in questions], [q.answer for q in questions])
-        logits = language_logits(model, ids, mask, features[indices])
+        keep = curriculum_keep(patch_labels[indices], step / curriculum if step < curriculum else 1.0, rng)
+        ids, mask, labels = batcher.build(
+            [q.text for q in questions], [q.answer for q in questions], keep.sum(-1).tolist()
+        )
+        logits, hidden = language_forward(model, ids, mask, features[indices], keep, layer)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        slots = ids == model.config.image_token_index
+        grounding = F.binary_cross_entropy_with_logits(
+            probe(hidden[slots]).squeeze(-1), grounding_targets(patch_labels[indices], questions)[keep]
+        )
         for group in optimiser.param_groups:
             group["lr"] = lr * cosine(step, steps, 100)
         optimiser.zero_grad()
-        loss.backward()
+        (loss + grounding).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimiser.step()
         if step % 100 == 0 or step == steps - 1:
-            line = f"{name} {step:5d}/{steps} loss {loss.item():.3f}"
+            line = f"{name} {step:5d}/{steps} loss {loss.item():.3f} grounding {grounding.item():.3f}"
             if step % 500 == 0 or step == steps - 1:
                 model.eval()
                 line += " held-out " + " ".join(f"{k} {v:.3f}" for k, v in evaluate_features(model, batcher, *val).items())
@@ -228,13 +291,17 @@ def train_language(model, batcher, features, scenes, val, steps, batch, lr, seed
 def train(
     out: Path,
     seed: int = 0,
-    tower_steps: int = 400,
-    align_steps: int = 200,
+    tower_steps: int = 2400,
+    align_steps: int = 0,
     language_steps: int = 2400,
-    batch: int = 64,
+    batch: int = 32,
     language_batch: int = 32,
     train_scenes: int = 16000,
     val_size: int = 1000,
+    tower_lr: float = 1e-3,
+    language_lr: float = 1e-3,
+    tower_checkpoint: Path | None = None,
+    curriculum: int = 1200,
     log=print,
 ) -> dict[str, float]:
     """Train all stages and save the model and processor to ``out``; returns held-out accuracy."""
@@ -245,14 +312,21 @@ def train(
     model = build_model(processor, seed)
     log(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
 
-    train_tower(model, processor, tower_steps, batch, 2e-3, seed, log)
-    tower_time = time.perf_counter() - start
-    log(f"stage 1 (tower) took {tower_time / 60:.1f} min")
+    tower = model.model.vision_tower
+    if tower_checkpoint is not None and tower_checkpoint.is_file():
+        tower.load_state_dict(torch.load(tower_checkpoint, weights_only=True))
+        log(f"stage 1 (tower) loaded from {tower_checkpoint}")
+    else:
+        train_tower(model, processor, tower_steps, batch, tower_lr, seed, log)
+        log(f"stage 1 (tower) took {(time.perf_counter() - start) / 60:.1f} min")
+        if tower_checkpoint is not None:
+            torch.save(tower.state_dict(), tower_checkpoint)
     model.model.vision_tower.requires_grad_(False)
 
     rng = random.Random(seed + 1)
     scenes = [make_scene(rng.randrange(HELD_OUT_LIMIT)) for _ in range(train_scenes)]
     features = image_features(model, processor, scenes)
+    data = (features, scenes, tower_targets(scenes)["patch"])
     val_samples = held_out(val_size, seed=seed + 1)
     val_features = image_features(model, processor, [s.scene for s in val_samples])
     val = (val_features, [s.question for s in val_samples])
@@ -261,9 +335,9 @@ def train(
     batcher = QuestionBatcher(processor)
 
     projector = list(model.model.multi_modal_projector.parameters())
-    train_language(model, batcher, features, scenes, val, align_steps, language_batch, 2e-3, seed + 3, projector, "align", log)
+    train_language(model, batcher, data, val, align_steps, language_batch, language_lr, seed + 3, projector, "align", log)
     everything = projector + list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
-    train_language(model, batcher, features, scenes, val, language_steps, language_batch, 2e-3, seed + 4, everything, "tune", log)
+    train_language(model, batcher, data, val, language_steps, language_batch, language_lr, seed + 4, everything, "tune", log, curriculum)
     accuracy = evaluate_features(model, batcher, *val)
     minutes = (time.perf_counter() - start) / 60
     log(f"training took {minutes:.1f} min; held-out accuracy " + " ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
@@ -278,14 +352,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vispruner.testbed.train", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=WEIGHTS, help="folder to save to (default: the package's weights)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tower-steps", type=int, default=400)
-    parser.add_argument("--align-steps", type=int, default=200)
+    parser.add_argument("--tower-steps", type=int, default=2400)
+    parser.add_argument("--align-steps", type=int, default=0)
     parser.add_argument("--language-steps", type=int, default=2400)
-    parser.add_argument("--batch", type=int, default=64, help="images per step of stage 1")
+    parser.add_argument("--batch", type=int, default=32, help="images per step of stage 1")
     parser.add_argument("--language-batch", type=int, default=32, help="questions per step of stages 2 and 3")
     parser.add_argument("--train-scenes", type=int, default=16000)
     parser.add_argument("--val-size", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tower-lr", type=float, default=1e-3)
+    parser.add_argument("--language-lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--tower-checkpoint", type=Path, default=None,
+        help="reuse stage 1 from this file if it exists, else save stage 1 there (to tune later stages)",
+    )
+    parser.add_argument("--curriculum", type=int, default=1200, help="steps over which short image sequences give way to full ones")
+    # One thread: on a busy 2-core machine two OpenMP threads stall each other (measured 5x slower).
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     train(
@@ -298,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
         language_batch=args.language_batch,
         train_scenes=args.train_scenes,
         val_size=args.val_size,
+        tower_lr=args.tower_lr,
+        language_lr=args.language_lr,
+        tower_checkpoint=args.tower_checkpoint,
+        curriculum=args.curriculum,
         log=lambda line: print(line, flush=True),
     )
     return 0
