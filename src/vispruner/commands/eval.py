@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="picks the held-out questions and seeds random methods")
     parser.add_argument("--n", type=int, default=1000, help="held-out questions")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=1, help="tokens generated per answer; its first word is scored (1 for the testbed)"
+    )
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     parser.add_argument("--plot", default=None, metavar="PATH.png", help="plot accuracy against budget (needs matplotlib)")
 
@@ -34,14 +37,17 @@ def run(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in available_methods()]
     if not methods or unknown:
         raise ValueError(f"methods must be among {', '.join(available_methods())}; got {args.methods!r}")
-    if args.n < 1 or args.batch_size < 1:
-        raise ValueError(f"n and batch_size must be >= 1; got n={args.n}, batch_size={args.batch_size}")
+    for name in ("n", "batch_size", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name} must be >= 1; got {getattr(args, name)}")
     model, processor = load_model(args.model)
     total = visual_tokens(model)
     budgets = parse_budgets(args.tokens, total)
     options = {} if args.important_ratio is None else {"important_ratio": args.important_ratio}
     samples = held_out(args.n, seed=args.seed)
-    full, rows = evaluate(model, processor, samples, methods, budgets, args.seed, args.batch_size, **options)
+    full, rows = evaluate(
+        model, processor, samples, methods, budgets, args.seed, args.batch_size, max_new_tokens=args.max_new_tokens, **options
+    )
 
     print(f"{args.model}: {args.n} held-out questions (seed {args.seed}), all {total} tokens: {100 * full:.1f}%")
     print(f"{'method':12s} {'budget':>7s} {'tokens':>6s} {'accuracy':>9s} {'retained':>9s}")

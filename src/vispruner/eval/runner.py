@@ -25,13 +25,19 @@ class Row:
 
 
 def accuracy(
-    model: Any, processor: Any, samples: Sequence[Sample], batch_size: int, step: Callable[[int], None]
+    model: Any,
+    processor: Any,
+    samples: Sequence[Sample],
+    batch_size: int,
+    step: Callable[[int], None],
+    max_new_tokens: int = 1,
 ) -> float:
-    """Share of ``samples`` answered right; calls ``step(k)`` after each batch of k."""
+    """Share of ``samples`` answered right (first word of the reply); calls ``step(k)`` after each batch of k."""
     right = 0
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
-        replies = answer(model, processor, [s.scene.render() for s in chunk], [s.question.text for s in chunk])
+        images, questions = [s.scene.render() for s in chunk], [s.question.text for s in chunk]
+        replies = answer(model, processor, images, questions, max_new_tokens)
         right += sum(reply == s.question.answer for reply, s in zip(replies, chunk))
         step(len(chunk))
     return right / len(samples)
@@ -46,6 +52,7 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 64,
     progress: bool = True,
+    max_new_tokens: int = 1,
     **options: Any,
 ) -> tuple[float, list[Row]]:
     """Full-token accuracy and one :class:`Row` per (method, budget), in that order.
@@ -60,14 +67,14 @@ def evaluate(
     runs = 1 + len(methods) * len(budgets)
     with tqdm(total=runs * len(samples), desc="eval", unit="q", disable=not progress) as bar:
         torch.manual_seed(seed)
-        full = accuracy(model, processor, samples, batch_size, bar.update)
+        full = accuracy(model, processor, samples, batch_size, bar.update, max_new_tokens)
         rows = []
         for method in methods:
             for budget in budgets:
                 bar.set_postfix_str(f"{method} {budget.given}")
                 torch.manual_seed(seed)
                 with vispruner.pruned(model, num_tokens=budget.num_tokens, method=method, **options):
-                    score = accuracy(model, processor, samples, batch_size, bar.update)
+                    score = accuracy(model, processor, samples, batch_size, bar.update, max_new_tokens)
                 retained = score / full if full else None
                 rows.append(Row(method, budget.given, budget.num_tokens, budget.fraction, score, retained))
     return full, rows
