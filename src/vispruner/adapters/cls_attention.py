@@ -1,20 +1,18 @@
 """The [CLS] attention row and the keys of one vision-transformer layer, whatever attention backend runs.
 
-SDPA and FlashAttention never materialise attention probabilities, and asking for all of them
-(eager, ``output_attentions``) costs a (heads x N x N) matrix per layer. The row a pruning
-method needs is one query against N keys: these hooks take the query and key projections the
-layer computes anyway and score only the [CLS] query.
+The row is taken from the query and key projections the layer computes anyway
+(:mod:`.attention_row`): only the [CLS] query is scored.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
+from .attention_row import ProjectionCapture, head_averaged_row
 
-class ClsAttentionCapture:
+
+class ClsAttentionCapture(ProjectionCapture):
     """Within a ``with`` block, records the [CLS]-to-patch attention of ``attention`` (and its keys).
 
     ``attention`` is a CLIP-style self-attention module with ``q_proj`` and ``k_proj`` linear
@@ -27,47 +25,20 @@ class ClsAttentionCapture:
     """
 
     def __init__(self, attention: nn.Module, keep_keys: bool) -> None:
-        self._attention = attention
+        super().__init__(attention)
         self._keep_keys = keep_keys
-        self._query: torch.Tensor | None = None
-        self._keys: torch.Tensor | None = None
         self._scores: torch.Tensor | None = None
         self._patch_keys: torch.Tensor | None = None
-        self._handles: list[Any] = []
 
-    def __enter__(self) -> "ClsAttentionCapture":
-        self._handles = [
-            self._attention.q_proj.register_forward_hook(self._on_query),
-            self._attention.k_proj.register_forward_hook(self._on_keys),
-        ]
-        return self
+    def _row(self, query: torch.Tensor) -> torch.Tensor:
+        return query[:, 0]
 
-    def __exit__(self, *exc_info: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def _on_query(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        # Row 0 only, copied: a view would keep the whole (B, N+1, D) projection alive.
-        self._query = output[:, 0].detach().clone()
-        self._score()
-
-    def _on_keys(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        self._keys = output.detach()
-        self._score()
-
-    def _score(self) -> None:
-        # Scored as soon as both projections exist, so that the keys can be let go at once.
-        if self._query is None or self._keys is None:
-            return
-        heads, width = self._attention.num_heads, self._attention.head_dim
-        batch, tokens, _ = self._keys.shape
-        query = self._query.float().view(batch, heads, 1, width)
-        keys = self._keys.float().view(batch, tokens, heads, width).transpose(1, 2)
-        logits = torch.matmul(query, keys.transpose(-1, -2)).squeeze(2) * self._attention.scale
-        self._scores = logits.softmax(dim=-1).mean(dim=1)[:, 1:]
-        self._patch_keys = self._keys[:, 1:].unflatten(-1, (heads, width)) if self._keep_keys else None
-        self._query = self._keys = None
+    def _score(self, query: torch.Tensor, keys: torch.Tensor) -> None:
+        heads, width = self.attention.num_heads, self.attention.head_dim
+        per_head = keys.unflatten(-1, (heads, width))
+        scores = head_averaged_row(query.view(-1, heads, width), per_head.transpose(1, 2), self.attention.scale)
+        self._scores = scores[:, 1:]
+        self._patch_keys = per_head[:, 1:] if self._keep_keys else None
 
     def scores(self) -> torch.Tensor:
         if self._scores is None:

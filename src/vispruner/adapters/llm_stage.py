@@ -8,9 +8,10 @@ runs on the shortened cache. Where transformers 5.x lets us in:
   wrapped so that at the prefill (an empty cache) the image placeholders of ``input_ids`` are
   grouped per image or per crop (LLaVA-NeXT's newline tokens are always kept).
 * The language model's ``forward`` is wrapped to note the call's 2D padding mask and cache.
-* A pre-hook on layer ``K-1``'s attention recomputes, from that layer's own input, only the
-  attention row of each prompt's last token (one query against the L keys), so SDPA and
-  FlashAttention keep working; eager attention is never required.
+* During the prefill, hooks on layer ``K-1``'s attention and its query and key projections take
+  the projections the layer computes anyway and score only the attention row of each prompt's
+  last token (one query against the L keys), so SDPA and FlashAttention keep working; eager
+  attention is never required.
 * A pre-hook on every layer from ``K`` on substitutes the shortened inputs: at the prefill,
   layer ``K`` selects the tokens and compacts the hidden states (rows re-padded on the left),
   the 2D mask and the rotary embeddings; kept tokens keep their original positions, as in the
@@ -21,6 +22,7 @@ runs on the shortened cache. Where transformers 5.x lets us in:
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from ..methods.fastv import DEFAULT_LAYER, LanguageSignals, check_layer
+from .attention_row import ProjectionCapture, head_averaged_row
 from .patching import InstancePatch, bind_arguments
 from .sequence import CompactedPrefix, compact
 from .vision_stage import PRUNER, Family, ImageSelection, Settings
@@ -43,7 +46,7 @@ class _Step:
     attention_mask: torch.Tensor | None
     #: (B, L) long group ids of the prompt's tokens (-1 = always kept); set at the prefill only.
     groups: torch.Tensor | None = None
-    #: (B, L) attention of each prompt's last token, set by the hook on layer K-1's attention.
+    #: (B, L) attention of each prompt's last token, set by the hooks on layer K-1's attention.
     scores: torch.Tensor | None = None
     #: Keyword arguments every layer from K on receives instead of the model's.
     replacements: dict[str, Any] = field(default_factory=dict)
@@ -84,11 +87,7 @@ class LanguageStagePruner:
         self._patch.wrap(self.model.model, "get_image_features", self._get_image_features)
         self._patch.wrap(self.model, "forward", self._forward)
         self._patch.wrap(self.language_model, "forward", self._language_forward)
-        attention = self.layers[self.layer - 1].self_attn
-        self._handles = [
-            attention.register_forward_pre_hook(self._score, with_kwargs=True),
-            self.layers[self.layer].register_forward_pre_hook(self._cut, with_kwargs=True),
-        ]
+        self._handles = [self.layers[self.layer].register_forward_pre_hook(self._cut, with_kwargs=True)]
         self._handles += [
             layer.register_forward_pre_hook(self._follow, with_kwargs=True) for layer in self.layers[self.layer + 1 :]
         ]
@@ -193,39 +192,15 @@ class LanguageStagePruner:
             if mask is not None and mask.ndim != 2:
                 raise NotImplementedError(f"fastv needs the 2D (batch, length) padding mask; got shape {tuple(mask.shape)}")
         self._step = step
+        attention = self.layers[self.layer - 1].self_attn
         try:
-            output = original(**arguments)
+            with _LastTokenAttention(attention, step) if step.groups is not None else nullcontext():
+                output = original(**arguments)
         finally:
             self._step = None
         if step.prefix is not None and output.past_key_values is not None:
             setattr(output.past_key_values, PREFIX, step.prefix)
         return output
-
-    def _score(self, attention: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        """Pre-hook on layer K-1's attention: the last prompt token's attention row, heads averaged."""
-        step = self._step
-        if step is None or step.groups is None:
-            return
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        cos, sin = kwargs["position_embeddings"]
-        batch, length, _ = hidden.shape
-        columns = torch.arange(length, device=hidden.device)
-        real = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
-        if step.attention_mask is not None:
-            real = step.attention_mask.to(hidden.device).bool()
-        last = torch.where(real, columns, -1).amax(dim=1)
-        rows = torch.arange(batch, device=hidden.device)
-        rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
-        width = attention.head_dim
-        with torch.no_grad():
-            query = attention.q_proj(hidden[rows, last]).view(batch, -1, 1, width)
-            keys = attention.k_proj(hidden).view(batch, length, -1, width).transpose(1, 2)
-            cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
-            query = rotate(query, query, cos[rows, last].unsqueeze(1), sin[rows, last].unsqueeze(1))[0]
-            keys = rotate(keys, keys, cos, sin)[0].repeat_interleave(attention.num_key_value_groups, dim=1)
-            logits = torch.matmul(query.float(), keys.float().transpose(-1, -2)).squeeze(2) * attention.scaling
-            visible = real & (columns <= last.unsqueeze(1))
-            step.scores = logits.masked_fill(~visible.unsqueeze(1), -torch.inf).softmax(dim=-1).mean(dim=1)
 
     def _cut(self, layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
         """Pre-hook on layer K: choose and compact at the prefill; at later steps, fix the mask."""
@@ -307,10 +282,55 @@ class LanguageStagePruner:
             self.last.append(ImageSelection(grid.view(count, self.patches), None, self.grid))
 
 
+class _LastTokenAttention(ProjectionCapture):
+    """Sets ``step.scores``: in a Llama-style attention, each prompt's last real token's attention
+    row, heads averaged, with the rotary embedding the layer receives."""
+
+    def __init__(self, attention: nn.Module, step: _Step) -> None:
+        super().__init__(attention)
+        self._step = step
+        self._last: torch.Tensor | None = None
+        self._visible: torch.Tensor | None = None
+        self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __enter__(self) -> "_LastTokenAttention":
+        super().__enter__()
+        self._handles.append(self.attention.register_forward_pre_hook(self._on_input, with_kwargs=True))
+        return self
+
+    def _on_input(self, attention: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        # Runs before q_proj and k_proj: which row is each prompt's last, and the rotary embedding.
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        batch, length, _ = hidden.shape
+        columns = torch.arange(length, device=hidden.device)
+        real = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
+        if self._step.attention_mask is not None:
+            real = self._step.attention_mask.to(hidden.device).bool()
+        self._last = torch.where(real, columns, -1).amax(dim=1)
+        self._visible = real & (columns <= self._last.unsqueeze(1))
+        cos, sin = kwargs["position_embeddings"]
+        self._rotary = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+
+    def _row(self, query: torch.Tensor) -> torch.Tensor:
+        return query[torch.arange(query.shape[0], device=query.device), self._last]
+
+    def _score(self, query: torch.Tensor, keys: torch.Tensor) -> None:
+        batch, length, _ = keys.shape
+        width = self.attention.head_dim
+        rows = torch.arange(batch, device=keys.device)
+        rotate = sys.modules[type(self.attention).__module__].apply_rotary_pos_emb
+        cos, sin = self._rotary
+        query = query.view(batch, -1, 1, width)
+        query = rotate(query, query, cos[rows, self._last].unsqueeze(1), sin[rows, self._last].unsqueeze(1))[0]
+        keys = keys.view(batch, length, -1, width).transpose(1, 2)
+        keys = rotate(keys, keys, cos, sin)[0]
+        self._step.scores = head_averaged_row(query.squeeze(2), keys, self.attention.scaling, self._visible)
+
+
 def _check_language_model(language_model: nn.Module, layer: int) -> None:
     config = language_model.config
     attention = language_model.layers[layer - 1].self_attn
-    needed = ("q_proj", "k_proj", "head_dim", "scaling", "num_key_value_groups")
+    needed = ("q_proj", "k_proj", "head_dim", "scaling")
     rotary = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
     if not all(hasattr(attention, name) for name in needed) or rotary is None or hasattr(attention, "q_norm"):
         raise TypeError(

@@ -1,0 +1,83 @@
+"""One query's attention row in a layer, from the query and key projections the layer computes anyway.
+
+SDPA and FlashAttention never materialise attention probabilities, and asking for all of them
+(eager, ``output_attentions``) costs a (heads x L x L) matrix per layer. A pruning method needs
+the row of one query per batch item: forward hooks on the layer's ``q_proj`` and ``k_proj`` keep
+that query and the keys, and only that row is scored, so no projection is computed twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ProjectionCapture:
+    """Within a ``with`` block, hands one query row per batch item and the keys of ``attention`` to
+    :meth:`_score`, once per forward, as soon as both projections exist (whichever runs first).
+
+    ``attention`` has ``q_proj`` and ``k_proj`` modules whose outputs are (B, L, heads * head size).
+    Subclasses say which query row to keep (:meth:`_row`) and what to make of it (:meth:`_score`).
+    """
+
+    def __init__(self, attention: nn.Module) -> None:
+        self.attention = attention
+        self._query: torch.Tensor | None = None
+        self._keys: torch.Tensor | None = None
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "ProjectionCapture":
+        self._handles = [
+            self.attention.q_proj.register_forward_hook(self._on_query),
+            self.attention.k_proj.register_forward_hook(self._on_keys),
+        ]
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _row(self, query: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) query projection -> (B, D) the row to score per batch item."""
+        raise NotImplementedError
+
+    def _score(self, query: torch.Tensor, keys: torch.Tensor) -> None:
+        """``query`` (B, D) from :meth:`_row`; ``keys`` (B, L, D') the whole key projection, detached."""
+        raise NotImplementedError
+
+    def _on_query(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        # Copied: a view would keep the whole (B, L, D) projection alive.
+        self._query = self._row(output.detach()).clone()
+        self._pair()
+
+    def _on_keys(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        self._keys = output.detach()
+        self._pair()
+
+    def _pair(self) -> None:
+        # Scored as soon as both projections exist, so that the keys can be let go at once.
+        if self._query is None or self._keys is None:
+            return
+        query, keys = self._query, self._keys
+        self._query = self._keys = None
+        with torch.no_grad():
+            self._score(query, keys)
+
+
+def head_averaged_row(
+    query: torch.Tensor, keys: torch.Tensor, scale: float, visible: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Softmax attention of one query per batch item, averaged over heads, in float32.
+
+    ``query`` (B, H, h); ``keys`` (B, K, L, h) with H a multiple of K: query head ``i`` reads key
+    head ``i // (H // K)``, as grouped-query attention does; ``visible`` (B, L) bool, the keys the
+    query may attend to (None: all). Returns (B, L).
+    """
+    keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
+    logits = torch.matmul(query.float().unsqueeze(2), keys.float().transpose(-1, -2)).squeeze(2) * scale
+    if visible is not None:
+        logits = logits.masked_fill(~visible.unsqueeze(1), -torch.inf)
+    return logits.softmax(dim=-1).mean(dim=1)
