@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-#: Scene and question of the default demo: a small, off-centre object decides the answer.
-DEMO_SEED = 7
+#: Held-out scene and question of the default demo: a 10 px square in a corner decides the answer.
+DEMO_SCENE = 129
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from vispruner.eval.budgets import parse_budget, visual_tokens
     from vispruner.methods import get_method
     from vispruner.testbed.model import encode, load_model
-    from vispruner.testbed.scenes import make_sample
+    from vispruner.testbed.scenes import HELD_OUT_START, make_sample
     from vispruner.viz import draw_selection, pixel_values_to_image
 
     if args.image is not None and args.question is None:
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     logging.disable_progress_bar()  # the demo's output is the comparison, not loading bars
     model, processor = load_model(args.model)
     if args.image is None:
-        sample = make_sample(DEMO_SEED)
+        sample = make_sample(HELD_OUT_START + DEMO_SCENE)
         image, question, expected = sample.scene.render(), args.question or sample.question.text, sample.question.answer
         if args.question is not None:
             expected = None
