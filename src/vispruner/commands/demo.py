@@ -36,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.image is not None and args.question is None:
         raise ValueError("question must be given with --image (the default question is about the generated scene)")
-    logging.disable_progress_bar()  # the demo's output is the comparison, not loading bars
+    # The demo's output is the comparison: no loading bars, no notes about optional backends.
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
     model, processor = load_model(args.model)
     if args.image is None:
         sample = make_sample(HELD_OUT_START + DEMO_SCENE)
