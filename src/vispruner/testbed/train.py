@@ -27,7 +27,6 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -306,7 +305,6 @@ def train(
 ) -> dict[str, float]:
     """Train all stages and save the model and processor to ``out``; returns held-out accuracy."""
     torch.manual_seed(seed)
-    np.random.seed(seed)
     start = time.perf_counter()
     processor = build_processor()
     model = build_model(processor, seed)
