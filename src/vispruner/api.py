@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator, TypeVar
 
@@ -12,15 +13,18 @@ Model = TypeVar("Model")
 
 #: The default of ``important_ratio``; other values go only to methods that take the option.
 DEFAULT_IMPORTANT_RATIO = 0.5
+#: Tokens kept per budget unit when neither ``num_tokens`` nor ``keep_ratio`` is given.
+DEFAULT_NUM_TOKENS = 64
 
 
 def apply(
     model: Model,
-    num_tokens: int = 64,
+    num_tokens: int | None = None,
     important_ratio: float = DEFAULT_IMPORTANT_RATIO,
     method: str = "vispruner",
     *,
     budget: str = "per_crop",
+    keep_ratio: float | None = None,
     **options: Any,
 ) -> Model:
     """Prune the visual tokens of ``model`` (this instance only) and return it.
@@ -29,13 +33,21 @@ def apply(
         model: a ``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration``.
         num_tokens: visual tokens kept per crop (``budget="per_crop"``) or per image
             (``"per_image"``); LLaVA-1.5 has one crop per image. At least the number of patches
-            (576 at 336 px) reproduces the unpatched model exactly.
+            (576 at 336 px) reproduces the unpatched model exactly. Default 64 unless
+            ``keep_ratio`` is given.
+        keep_ratio: instead of ``num_tokens``, a share in (0, 1] of each budget unit's tokens
+            (a crop, an image, a temporal group of a video; see ``budget``): ``ratio * tokens``
+            rounded half up, at least 1. Giving both is a ``ValueError``.
         important_ratio: share of ``num_tokens`` chosen by [CLS] attention, for methods that take
             it (VisPruner); any other method raises ``ValueError`` for a value other than 0.5.
         method: a registered method (``vispruner methods`` lists them).
-        budget: LLaVA-NeXT only: ``"per_crop"`` (the authors' setting: ``num_tokens`` for the base
-            image and for each high-resolution crop) or ``"per_image"`` (``num_tokens`` for the
-            whole image, shared over its crops). Both mean the same for LLaVA-1.5.
+        budget: ``"per_crop"`` or ``"per_image"``. LLaVA-NeXT: ``"per_crop"`` (the authors'
+            setting) gives ``num_tokens`` to the base image and to each high-resolution crop,
+            ``"per_image"`` spends it over the whole image. Qwen-VL video: ``"per_crop"`` prunes
+            each temporal group of frames to its share of the video's ``num_tokens`` (split
+            evenly, the first groups one more when it does not divide, at least one each),
+            ``"per_image"`` spends it over the whole video. Both mean the same for one-piece
+            images (LLaVA-1.5, Qwen-VL).
         **options: the method's own options, checked against ``Method.options``.
 
     Vision-stage methods prune before the language model. ``method="fastv"`` prunes inside it:
@@ -53,7 +65,14 @@ def apply(
 
     family = family_for(model)
     chosen = get_method(method)
-    num_tokens = check_num_tokens(num_tokens)
+    if keep_ratio is not None:
+        if num_tokens is not None:
+            raise ValueError(f"give num_tokens or keep_ratio, not both; got num_tokens={num_tokens!r}, keep_ratio={keep_ratio!r}")
+        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, numbers.Real) or not 0 < keep_ratio <= 1:
+            raise ValueError(f"keep_ratio must be a number in (0, 1]; got {keep_ratio!r}")
+        keep_ratio = float(keep_ratio)
+    else:
+        num_tokens = check_num_tokens(DEFAULT_NUM_TOKENS if num_tokens is None else num_tokens)
     check_options(chosen, options)
     important_ratio = check_ratio(important_ratio, "important_ratio")
     if "important_ratio" in chosen.options:
@@ -66,7 +85,7 @@ def apply(
         )
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {', '.join(map(repr, BUDGETS))}; got {budget!r}")
-    settings = Settings(chosen, num_tokens, options, budget)
+    settings = Settings(chosen, num_tokens, options, budget, keep_ratio)
     if chosen.stage == "llm":
         from .adapters.llm_stage import LanguageStagePruner
 

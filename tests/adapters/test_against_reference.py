@@ -158,3 +158,22 @@ def test_budget_counts_and_greedy_tokens(family, budget):
             assert selection.keep.sum(dim=1).tolist() == [NUM_TOKENS] * crops
         else:
             assert int(selection.keep.sum()) == min(NUM_TOKENS, crops * patches)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("budget", ["per_crop", "per_image"])
+def test_keep_ratio_is_a_rounded_share_of_each_unit(family, budget):
+    # 0.1 of a 64-patch crop is 6.4 -> 6; of a 5-crop image (320 patches) exactly 32.
+    model, inputs = model_and_inputs(family)
+    images = reference_images(model, inputs["pixel_values"], inputs.get("image_sizes"), 6)
+    rows = reference_sequences(model, inputs["input_ids"], inputs["attention_mask"], images)
+    vispruner.apply(model, keep_ratio=0.1, budget=budget)
+    out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+    for selection in vispruner.last_selection(model):
+        crops, patches = selection.keep.shape
+        if budget == "per_crop":
+            assert selection.keep.sum(dim=1).tolist() == [6] * crops
+        else:
+            assert int(selection.keep.sum()) == int(crops * patches * 0.1 + 0.5)
+    if budget == "per_crop":
+        assert out[:, prompt_length(inputs) :].tolist() == [greedy(model, embeds, STEPS) for embeds, _ in rows]

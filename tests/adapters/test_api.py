@@ -134,6 +134,9 @@ def test_unsupported_models_raise_type_error_listing_families():
         ({"method": "vispruner", "colour": 1}, "unknown option.*colour.*allowed options: important_ratio"),
         ({"method": "divprune", "important_ratio": 0.75}, "important_ratio is an option of methods .*vispruner"),
         ({"budget": "per_pixel"}, "budget must be one of 'per_crop', 'per_image'"),
+        ({"num_tokens": 8, "keep_ratio": 0.5}, "give num_tokens or keep_ratio, not both"),
+        ({"keep_ratio": 0}, r"keep_ratio must be a number in \(0, 1\]"),
+        ({"keep_ratio": 1.5}, r"keep_ratio must be a number in \(0, 1\]"),
     ],
 )
 def test_bad_arguments_raise_value_error_and_leave_the_model_alone(arguments, message):

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
+from .clip_projector import IMAGE, ProjectorVision
 from .vision_stage import Family
 
 
@@ -21,6 +22,6 @@ FAMILY = Family(
     name="LLaVA-1.5",
     model_class=LlavaForConditionalGeneration,
     example="llava-hf/llava-1.5-7b-hf",
-    crops_per_image=_crops_per_image,
-    pack=_pack,
+    vision=lambda model: ProjectorVision(model, _crops_per_image, _pack),
+    modalities=(IMAGE,),
 )

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import LlavaNextForConditionalGeneration
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
+from .clip_projector import IMAGE, ProjectorVision
 from .vision_stage import Family
 
 
@@ -38,6 +39,6 @@ FAMILY = Family(
     name="LLaVA-NeXT",
     model_class=LlavaNextForConditionalGeneration,
     example="llava-hf/llava-v1.6-vicuna-7b-hf",
-    crops_per_image=_crops_per_image,
-    pack=_pack,
+    vision=lambda model: ProjectorVision(model, _crops_per_image, _pack),
+    modalities=(IMAGE,),
 )

@@ -33,7 +33,7 @@ from ..methods.fastv import DEFAULT_LAYER, LanguageSignals, check_layer
 from .attention_row import ProjectionCapture, head_averaged_row
 from .patching import InstancePatch, bind_arguments
 from .sequence import CompactedPrefix, compact
-from .vision_stage import PRUNER, Family, ImageSelection, Settings
+from .vision_stage import PRUNER, Family, ImageSelection, Item, Settings
 
 #: Attribute of a KV cache whose layers from K on hold a compacted prefill: its :class:`CompactedPrefix`.
 PREFIX = "_vispruner_llm_prefix"
@@ -63,19 +63,17 @@ class LanguageStagePruner:
         self.layers = self.language_model.layers
         options = dict(settings.options)
         self.layer = check_layer(options.pop("layer", DEFAULT_LAYER), len(self.layers))
-        self.settings = Settings(settings.method, settings.num_tokens, options, settings.budget)
+        self.settings = Settings(settings.method, settings.num_tokens, options, settings.budget, settings.keep_ratio)
         _check_language_model(self.language_model, self.layer)
-        vision = model.config.vision_config
-        side = vision.image_size // vision.patch_size
-        self.grid = (side, side)
-        self.patches = side * side
+        self.vision = family.vision(model)
+        (self.modality,) = family.modalities
         #: Per image at the last pruned prefill: crop keep masks over the patch grids.
         self.last: list[ImageSelection] | None = None
         #: (B, L) bool: the prompt tokens that decoder layers from K on saw at the last prefill.
         self.last_tokens: torch.Tensor | None = None
-        #: Crops of each image and the image sizes, from the last image-feature call.
-        self._crops: list[int] | None = None
-        self._image_sizes: torch.Tensor | None = None
+        #: The items of the last image-feature call, and its arguments.
+        self._items: list[Item] | None = None
+        self._encoder_arguments: dict[str, Any] = {}
         #: input_ids of the prefill under way, and each image's placeholder sources in it.
         self._prompt_ids: torch.Tensor | None = None
         self._sources_now: list[torch.Tensor] = []
@@ -84,7 +82,7 @@ class LanguageStagePruner:
         self._handles: list[Any] = []
 
     def install(self) -> None:
-        self._patch.wrap(self.model.model, "get_image_features", self._get_image_features)
+        self._patch.wrap(self.model.model, self.modality.encoder, self._get_image_features)
         self._patch.wrap(self.model, "forward", self._forward)
         self._patch.wrap(self.language_model, "forward", self._language_forward)
         self._handles = [self.layers[self.layer].register_forward_pre_hook(self._cut, with_kwargs=True)]
@@ -103,9 +101,8 @@ class LanguageStagePruner:
     # -- which tokens compete ------------------------------------------------------------------
 
     def _get_image_features(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        arguments = bind_arguments(original, args, kwargs)
-        self._image_sizes = arguments.get("image_sizes")
-        self._crops = self.family.crops_per_image(self.model, arguments["pixel_values"], self._image_sizes)
+        self._encoder_arguments = bind_arguments(original, args, kwargs)
+        self._items = self.vision.items(self.modality, self._encoder_arguments)
         return original(*args, **kwargs)
 
     def _forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -136,8 +133,8 @@ class LanguageStagePruner:
 
     def _token_groups(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
         """(B, L) group ids of the prompt, and each image's placeholder sources (see :meth:`_sources`)."""
-        is_image = input_ids == self.model.config.image_token_id
-        if self._crops is None or not bool(is_image.any()):
+        is_image = input_ids == self._token_id()
+        if self._items is None or not bool(is_image.any()):
             return None
         sources = self._sources(input_ids.device)
         flat = torch.cat(sources)
@@ -146,8 +143,10 @@ class LanguageStagePruner:
         lengths = torch.tensor([len(s) for s in sources], device=flat.device)
         image = torch.repeat_interleave(torch.arange(len(sources), device=flat.device), lengths)
         if self.settings.budget == "per_crop":
-            first_crop = torch.tensor([0, *self._crops[:-1]], device=flat.device).cumsum(0)
-            owner = first_crop[image] + flat.div(self.patches, rounding_mode="floor")
+            pieces = [item.pieces for item in self._items]
+            first_piece = torch.tensor([0, *pieces[:-1]], device=flat.device).cumsum(0)
+            per_piece = torch.tensor([item.per_piece for item in self._items], device=flat.device)
+            owner = first_piece[image] + flat.div(per_piece[image], rounding_mode="floor")
         else:
             owner = image
         groups = torch.full_like(input_ids, -1)
@@ -155,18 +154,22 @@ class LanguageStagePruner:
         return groups, sources
 
     def _sources(self, device: torch.device) -> list[torch.Tensor]:
-        """Per image, (P,) long: for each of its placeholder tokens, ``crop * N + patch``, or -1 for a
+        """Per image, (P,) long: for each of its placeholder tokens, ``piece * N + patch``, or -1 for a
         newline token (LLaVA-NeXT), in the order the model lays them out.
 
         The family's ``pack`` only moves, drops and inserts newline flags set to True, so packing
         bit ``b`` of every patch's code, one bit at a time, spells out each token's code; a newline
         reads as all ones, a code no patch has.
         """
-        codes = [torch.arange(count * self.patches, device=device).view(count, self.patches) for count in self._crops]
-        bits = max(count * self.patches for count in self._crops).bit_length()
+        codes = [
+            torch.arange(item.pieces * item.per_piece, device=device).view(item.pieces, item.per_piece)
+            for item in self._items
+        ]
+        bits = max(code.numel() for code in codes).bit_length()
         total = None
         for bit in range(bits):
-            packed = self.family.pack(self.model, [(code >> bit) & 1 == 1 for code in codes], self._image_sizes)
+            flags = [(code >> bit) & 1 == 1 for code in codes]
+            packed = self.vision.pack(self.modality, flags, self._encoder_arguments)
             planes = [flags.to(device).long() << bit for flags in packed]
             total = planes if total is None else [t + p for t, p in zip(total, planes)]
         newline = (1 << bits) - 1
@@ -213,8 +216,7 @@ class LanguageStagePruner:
         if step.groups is not None:
             if step.scores is None:
                 raise RuntimeError(f"the attention of decoder layer {self.layer - 1} did not run before layer {self.layer}")
-            signals = LanguageSignals(step.scores, step.groups.to(step.scores.device))
-            keep = self.settings.method.select(signals, self.settings.num_tokens, **self.settings.options).keep
+            keep = self._choose(step.scores, step.groups.to(step.scores.device))
             self._record(keep)
             if bool(keep.all()):
                 step.groups = None
@@ -273,13 +275,32 @@ class LanguageStagePruner:
     def _record(self, keep: torch.Tensor) -> None:
         """Note what the layers from K on see: :attr:`last_tokens`, and :attr:`last` per image."""
         self.last_tokens = keep
-        is_image = self._prompt_ids == self.model.config.image_token_id
+        is_image = self._prompt_ids == self._token_id()
         kept = keep.to(is_image.device)[is_image].split([len(s) for s in self._sources_now])
         self.last = []
-        for count, sources, flags in zip(self._crops, self._sources_now, kept):
-            grid = torch.zeros(count * self.patches, dtype=torch.bool, device=flags.device)
+        for item, sources, flags in zip(self._items, self._sources_now, kept):
+            grid = torch.zeros(item.pieces * item.per_piece, dtype=torch.bool, device=flags.device)
             grid[sources[flags & (sources >= 0)]] = True
-            self.last.append(ImageSelection(grid.view(count, self.patches), None, self.grid))
+            self.last.append(ImageSelection(grid.view(item.pieces, -1), None, item.grid, self.modality.name))
+
+    def _token_id(self) -> int:
+        return getattr(self.model.config, self.modality.token_id)
+
+    def _choose(self, scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """(B, L) keep mask: ``num_tokens`` per group, or with ``keep_ratio`` that share of each group."""
+        settings = self.settings
+        if settings.keep_ratio is None:
+            return settings.method.select(LanguageSignals(scores, groups), settings.num_tokens, **settings.options).keep
+        # Groups with equal budgets are chosen together; the others count as always kept meanwhile.
+        ids, sizes = torch.unique(groups[groups >= 0], return_counts=True)
+        budgets = torch.full_like(groups, -1)
+        for group, size in zip(ids.tolist(), sizes.tolist()):
+            budgets[groups == group] = settings.tokens_for(size)
+        keep = torch.ones_like(groups, dtype=torch.bool)
+        for budget in torch.unique(budgets[budgets >= 0]).tolist():
+            chosen = torch.where(budgets == budget, groups, -1)
+            keep &= settings.method.select(LanguageSignals(scores, chosen), budget, **settings.options).keep
+        return keep
 
 
 class _LastTokenAttention(ProjectionCapture):

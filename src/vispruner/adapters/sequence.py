@@ -9,7 +9,7 @@ before the language model; an LLM-stage method can use them between two decoder 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -79,6 +79,7 @@ class CompactedSequence:
     Attributes:
         keep: (B, L) bool, the tokens kept from the input.
         input_ids, inputs_embeds, labels: compacted counterparts of the inputs (None if not given).
+        others: compacted counterparts of the ``others`` given, by name.
         attention_mask: (B, L') mask; None only when no mask was given and no row needed padding.
         position_ids: (B, L') positions of the kept tokens, each moved back by the number of
             tokens removed before it; None only when neither a mask nor positions were given and
@@ -93,6 +94,7 @@ class CompactedSequence:
     position_ids: torch.Tensor | None
     labels: torch.Tensor | None
     prefix: CompactedPrefix
+    others: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def compact(
@@ -103,6 +105,7 @@ def compact(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
+    others: dict[str, torch.Tensor] | None = None,
     pad_token_id: int = 0,
 ) -> CompactedSequence:
     """Remove the tokens where ``keep`` is False and left-pad the rows back to a common length.
@@ -114,6 +117,8 @@ def compact(
         attention_mask: (B, L) 2D padding mask (1 = attend); new padding gets 0.
         position_ids: (B, L) positions; default 0..L-1, as a decoder assigns without a cache.
         labels: (B, L) targets; new padding gets -100.
+        others: further (B, L, ...) tensors that run along the sequence, by name; new padding
+            gets 0. Returned in ``others`` under the same names.
 
     Kept tokens keep their order. Positions are compacted: a kept token's position drops by the
     number of removed tokens before it, so the language model sees the short sequence as if it
@@ -168,5 +173,6 @@ def compact(
         attention_mask=new_mask if needs_mask else None,
         position_ids=new_positions,
         labels=take(labels, IGNORE_INDEX),
+        others={name: take(values, 0) for name, values in (others or {}).items()},
         prefix=CompactedPrefix(length=length, attention_mask=new_mask, removed=length - counts),
     )

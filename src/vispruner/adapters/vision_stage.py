@@ -1,18 +1,24 @@
-"""Vision-stage pruning for LLaVA-style models: choose patches per image, shorten the prompt to match.
+"""Vision-stage pruning: choose visual tokens per image (or video), shorten the prompt to match.
 
-Where transformers 5.x lets us in (see docs/models.md for the user's view):
+A model family states what differs (see :class:`Family` and :class:`VisionSide`): where the
+importance signal and the features come from, how an image's tokens are split into pieces that
+get their own budget, in which order its tokens stand in the prompt, how positions are built,
+and which other per-token streams follow the tokens. Everything else is here. Where
+transformers 5.x lets us in (see docs/models.md for the user's view):
 
-* ``model.model.get_image_features`` is wrapped. ``generate()`` calls it before the prefill, and
-  the model's forward calls it when given ``pixel_values``. Inside it, hooks on the vision layer
-  that feeds the projector capture the [CLS] attention row (and keys), and a pre-hook on the
-  projector runs the method on the projector's input and substitutes the method's replacement
-  features. The returned per-image features keep their full length, because ``generate()``
-  matches them to placeholder counts when it expands a batch for beams or several sequences;
-  each feature tensor carries its keep mask as an attribute, which those copies by reference keep.
+* Each modality's feature function (``model.model.get_image_features``, ``get_video_features``)
+  is wrapped. ``generate()`` calls it before the prefill, and the model's forward calls it when
+  given pixels. Inside it, the family's :class:`Tap` hooks the vision tower; a pre-hook on the
+  module that turns the chosen features into language-model tokens (LLaVA's projector, Qwen's
+  merger) runs the method and substitutes the method's replacement features. The returned
+  per-image features keep their full length, because ``generate()`` matches them to placeholder
+  counts when it expands a batch for beams or several sequences; each feature tensor carries its
+  keep mask as an attribute, which those copies by reference keep.
 * ``model.forward`` is wrapped. At the prefill it turns the per-image masks into a token keep mask
-  (all text, kept placeholders), compacts ids, embeddings, mask, positions and labels, and passes
-  only the kept features on. The cache it returns carries a :class:`CompactedPrefix`, with which
-  every later step translates the caller's full-length mask and positions.
+  (all text, kept placeholders), compacts ids, embeddings, mask, positions, labels and the
+  family's other streams, and passes only the kept features on. The cache it returns carries a
+  :class:`CompactedPrefix`, with which every later step translates the caller's full-length mask
+  and positions.
 * ``create_masks_for_generate`` returns the 2D mask unchanged at the prefill and at steps that
   follow a pruned prefill (static caches), so that the language model builds its causal mask
   from the compacted 2D mask.
@@ -20,16 +26,15 @@ Where transformers 5.x lets us in (see docs/models.md for the user's view):
 
 from __future__ import annotations
 
-from collections import defaultdict
+import math
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
 
 from ..methods.base import Method, VisionSignals
-from .cls_attention import ClsAttentionCapture
 from .patching import InstancePatch, bind_arguments
 from .sequence import CompactedPrefix, compact
 
@@ -37,6 +42,8 @@ from .sequence import CompactedPrefix, compact
 PRUNER = "_vispruner"
 #: Attribute of an image's feature tensor: (P,) bool over its placeholder tokens.
 KEEP = "_vispruner_keep"
+#: Attribute of an image's feature tensor: its :class:`ImageSelection`.
+SELECTION = "_vispruner_selection"
 #: Attribute of a KV cache filled by a pruned prefill: its :class:`CompactedPrefix`.
 PREFIX = "_vispruner_prefix"
 
@@ -53,46 +60,161 @@ UNSUPPORTED_GENERATE = {
 
 
 @dataclass(frozen=True)
-class Family:
-    """What differs between LLaVA-style model families.
+class Modality:
+    """One kind of visual input and where the model turns it into tokens.
 
     Attributes:
-        name: the family as users know it.
-        model_class: the supported ``...ForConditionalGeneration`` class.
-        example: a public checkpoint id, for docs and error messages.
-        crops_per_image: ``(model, pixel_values, image_sizes) -> [crops of each image]``; the
-            vision tower sees the crops of all images concatenated, base image first.
-        pack: ``(model, [(crops, N) bool per image], image_sizes) -> [(P,) bool per image]``: the
-            crop keep masks in the order of the image's P placeholder tokens.
+        name: its key in ``mm_encoder_outputs`` (``"image"``, ``"video"``).
+        encoder: the method of ``model.model`` that computes its features.
+        pixels: the ``forward`` argument holding its pixels.
+        token_id: the config attribute holding its placeholder token id.
+        arguments: further ``forward`` arguments the encoder takes, by the same name.
     """
 
     name: str
-    model_class: type
+    encoder: str
+    pixels: str
+    token_id: str
+    arguments: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image (or video) as the selection sees it: ``pieces`` grids of ``grid`` tokens.
+
+    Its tokens are listed piece by piece, each piece in raster order of its grid. A piece is a
+    LLaVA-NeXT crop (base image first) or a Qwen-VL temporal group of frames.
+    """
+
+    pieces: int
+    grid: tuple[int, int]
+
+    @property
+    def per_piece(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+class Tap(Protocol):
+    """A family's hooks on the vision tower for one feature call, active as a context manager.
+
+    ``module``'s forward pre-hook receives the features to choose among (the projector's or the
+    merger's input). All tensors are in the selection's token order: items in order, each item
+    piece by piece (see :class:`Item`).
+    """
+
+    module: nn.Module
+
+    def __enter__(self) -> "Tap": ...
+
+    def __exit__(self, *exc_info: object) -> None: ...
+
+    def features(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """(T, C) the features of every token, from ``module``'s inputs."""
+
+    def attention(self) -> torch.Tensor | None:
+        """(T,) the importance signal, once the tower ran (None if not asked for)."""
+
+    def keys(self) -> torch.Tensor | None:
+        """(T, H, d) or (T, D) attention keys (None if not asked for)."""
+
+    def project(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """(T, D) what ``module`` makes of its inputs: the language model's tokens."""
+
+    def substitute(self, inputs: tuple[torch.Tensor, ...], features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``module``'s inputs with (T, C) ``features`` in place of its own."""
+
+
+class VisionSide(Protocol):
+    """What a family's vision tower looks like to the selection, for one model instance."""
+
+    def items(self, modality: Modality, arguments: dict[str, Any]) -> list[Item]:
+        """The items of one feature call (``arguments``: the feature function's, by name)."""
+
+    def tap(self, modality: Modality, arguments: dict[str, Any], needs: frozenset[str]) -> Tap:
+        """Hooks that capture what a method ``needs`` during the feature call."""
+
+    def pack(self, modality: Modality, keeps: list[torch.Tensor], arguments: dict[str, Any]) -> list[torch.Tensor]:
+        """Per item, (pieces, N) keep flags -> (P,) flags in the order of its P placeholder tokens."""
+
+
+class Positions(Protocol):
+    """How a family's language model gets positions for a pruned prompt."""
+
+    def prefill(self, model: nn.Module, arguments: dict[str, Any]) -> torch.Tensor | None:
+        """(R, B, L) positions of the unpruned prompt whose rows 1.. are kept as they are (row 0
+        is compacted), or None to compact 2D positions as :func:`compact` does."""
+
+    def step(
+        self, model: nn.Module, arguments: dict[str, Any], prefix: CompactedPrefix, past: int, new: int
+    ) -> torch.Tensor | None:
+        """Positions for a step after a pruned prefill (``arguments`` still hold the caller's)."""
+
+
+class CompactedPositions:
+    """1D positions, compacted: the language model sees the short prompt as if it were the prompt."""
+
+    def prefill(self, model: nn.Module, arguments: dict[str, Any]) -> torch.Tensor | None:
+        return None
+
+    def step(
+        self, model: nn.Module, arguments: dict[str, Any], prefix: CompactedPrefix, past: int, new: int
+    ) -> torch.Tensor | None:
+        return prefix.positions(arguments.get("position_ids"), past, new)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between model families.
+
+    Attributes:
+        name: the family as users know it.
+        model_class: the supported ``...ForConditionalGeneration`` class (or classes).
+        example: a public checkpoint id, for docs and error messages.
+        vision: ``model -> VisionSide``; raises ``TypeError`` for a model it cannot serve.
+        modalities: the visual inputs the family prunes.
+        positions: how positions are built for the short prompt.
+        streams: further (B, L) ``forward`` arguments compacted with the tokens (new padding 0).
+        item_streams: attributes of the feature output that hold, per layer, one tensor per
+            item aligned with its tokens (Qwen3-VL's deepstack features); kept rows are taken.
+        shared_piece_budget: with ``budget="per_crop"``, whether ``num_tokens`` is shared by an
+            item's pieces (Qwen-VL video: each temporal group gets its share) rather than given
+            to each piece (LLaVA-NeXT crops, the authors' setting).
+    """
+
+    name: str
+    model_class: type | tuple[type, ...]
     example: str
-    crops_per_image: Callable[[nn.Module, torch.Tensor, torch.Tensor | None], list[int]]
-    pack: Callable[[nn.Module, list[torch.Tensor], torch.Tensor | None], list[torch.Tensor]]
+    vision: Callable[[nn.Module], VisionSide]
+    modalities: tuple[Modality, ...]
+    positions: Positions = field(default_factory=CompactedPositions)
+    streams: tuple[str, ...] = ()
+    item_streams: tuple[str, ...] = ()
+    shared_piece_budget: bool = False
 
 
 @dataclass
 class ImageSelection:
-    """What was kept of one image at the last pruned forward.
+    """What was kept of one image (or video) at the last pruned forward.
 
     Attributes:
-        keep: (crops, N) bool over each crop's patch grid in raster order; one crop for
-            LLaVA-1.5, base image first then the high-resolution crops for LLaVA-NeXT.
-        important: (crops, N) bool subset of ``keep`` chosen by importance ([CLS] attention for
-            VisPruner); the rest of ``keep`` was chosen for diversity. None when the method
-            makes no such split.
-        grid: (rows, cols) of each crop's patch grid.
+        keep: (pieces, N) bool over each piece's token grid in raster order; one piece for
+            LLaVA-1.5 and Qwen-VL images, base image first then the high-resolution crops for
+            LLaVA-NeXT, one per temporal group of frames for Qwen-VL video.
+        important: (pieces, N) bool subset of ``keep`` chosen by importance ([CLS] attention for
+            VisPruner on LLaVA); the rest of ``keep`` was chosen for diversity. None when the
+            method makes no such split.
+        grid: (rows, cols) of each piece's grid.
+        modality: ``"image"`` or ``"video"``.
     """
 
     keep: torch.Tensor
     important: torch.Tensor | None
     grid: tuple[int, int]
+    modality: str = "image"
 
     @property
     def indices(self) -> list[torch.Tensor]:
-        """Kept patch indices of each crop, ascending."""
+        """Kept token indices of each piece, ascending."""
         return [row.nonzero().flatten() for row in self.keep]
 
     @property
@@ -108,12 +230,33 @@ class ImageSelection:
 
 @dataclass(frozen=True)
 class Settings:
-    """A validated pruning configuration (see :func:`vispruner.apply`)."""
+    """A validated pruning configuration (see :func:`vispruner.apply`).
+
+    Exactly one of ``num_tokens`` and ``keep_ratio`` is set.
+    """
 
     method: Method
-    num_tokens: int
+    num_tokens: int | None
     options: dict[str, Any] = field(default_factory=dict)
     budget: str = "per_crop"
+    keep_ratio: float | None = None
+
+    def tokens_for(self, size: int) -> int:
+        """Tokens kept of a unit of ``size`` tokens under ``keep_ratio`` (or ``num_tokens``)."""
+        if self.keep_ratio is None:
+            return self.num_tokens
+        return ratio_tokens(self.keep_ratio, size)
+
+
+def ratio_tokens(ratio: float, size: int) -> int:
+    """``ratio * size`` rounded half up, at least 1: the documented rounding of ``keep_ratio``."""
+    return max(1, math.floor(ratio * size + 0.5))
+
+
+def shared_tokens(num_tokens: int, pieces: int) -> list[int]:
+    """``num_tokens`` split over ``pieces``: the first ``num_tokens % pieces`` get one more, each at least 1."""
+    base, extra = divmod(num_tokens, pieces)
+    return [max(1, base + (index < extra)) for index in range(pieces)]
 
 
 class VisionStagePruner:
@@ -123,20 +266,17 @@ class VisionStagePruner:
         self.model = model
         self.family = family
         self.settings = settings
+        self.vision = family.vision(model)
         self.last: list[ImageSelection] | None = None
         #: (B, L) bool: the tokens of the last pruned prefill that reached the language model.
         self.last_tokens: torch.Tensor | None = None
-        self._layers = _encoder_layers(model.model.vision_tower)
-        _check_model(model, self._layers)
-        vision = model.config.vision_config
-        side = vision.image_size // vision.patch_size
-        self.grid = (side, side)
         self._patch = InstancePatch()
 
     def install(self) -> None:
         from transformers.generation.utils import create_masks_for_generate
 
-        self._patch.wrap(self.model.model, "get_image_features", self._get_image_features)
+        for modality in self.family.modalities:
+            self._patch.wrap(self.model.model, modality.encoder, self._encoder(modality))
         self._patch.wrap(self.model, "forward", self._forward)
         self._patch.wrap(self.model, "generate", self._generate)
         stock = getattr(self.model, "create_masks_for_generate", create_masks_for_generate)
@@ -149,124 +289,120 @@ class VisionStagePruner:
 
     # -- vision side -----------------------------------------------------------------------
 
-    def _get_image_features(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _encoder(self, modality: Modality) -> Callable[..., Any]:
+        def wrapper(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            return self._encode(modality, original, args, kwargs)
+
+        return wrapper
+
+    def _encode(self, modality: Modality, original: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
         arguments = bind_arguments(original, args, kwargs)
-        config = self.model.config
-        layer = arguments.get("vision_feature_layer")
-        layer = config.vision_feature_layer if layer is None else layer
-        strategy = arguments.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
-        if not isinstance(layer, int) or strategy != "default":
-            raise ValueError(
-                "pruning needs one vision_feature_layer (an int) and vision_feature_select_strategy='default'; "
-                f"got {layer!r} and {strategy!r}"
-            )
-        image_sizes = arguments.get("image_sizes")
-        crops = self.family.crops_per_image(self.model, arguments["pixel_values"], image_sizes)
+        items = self.vision.items(modality, arguments)
         needs = self.settings.method.needs
         chosen: dict[str, Any] = {}
 
         with ExitStack() as stack:
-            capture = None
-            if needs & {"attention", "keys"}:
-                attention = self._attention_module(layer)
-                capture = stack.enter_context(ClsAttentionCapture(attention, keep_keys="keys" in needs))
+            tap = stack.enter_context(self.vision.tap(modality, arguments, needs))
 
-            def on_projector(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
-                features = inputs[0]
-                scores = capture.scores() if capture is not None else None
-                keys = capture.keys() if capture is not None else None
-                # forward, not __call__: this hook must not fire again for its own projection.
-                projected = module.forward(features) if "projected" in needs else None
-                keep, important, replaced = self._select(features, scores, keys, projected, crops)
+            def on_features(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+                features = tap.features(inputs)
+                projected = tap.project(inputs) if "projected" in needs else None
+                keep, important, replaced = self._select(items, features, tap.attention(), tap.keys(), projected)
                 chosen.update(keep=keep, important=important)
-                return None if replaced is None else (replaced.to(features.dtype), *inputs[1:])
+                return None if replaced is None else tap.substitute(inputs, replaced.to(features.dtype))
 
-            handle = self.model.model.multi_modal_projector.register_forward_pre_hook(on_projector)
+            handle = tap.module.register_forward_pre_hook(on_features)
             stack.callback(handle.remove)
             output = original(*args, **kwargs)
 
         if "keep" not in chosen:
-            raise RuntimeError("the multimodal projector did not run inside get_image_features")
-        keeps = list(chosen["keep"].split(crops))
-        importants = chosen["important"].split(crops) if chosen["important"] is not None else [None] * len(crops)
-        self.last = [ImageSelection(k, i, self.grid) for k, i in zip(keeps, importants)]
+            raise RuntimeError(f"{type(tap.module).__name__} did not run inside {modality.encoder}")
+        sizes = [item.pieces * item.per_piece for item in items]
+        keeps = [keep.view(item.pieces, -1) for keep, item in zip(chosen["keep"].split(sizes), items)]
+        importants: list[torch.Tensor | None] = [None] * len(items)
+        if chosen["important"] is not None:
+            importants = [i.view(item.pieces, -1) for i, item in zip(chosen["important"].split(sizes), items)]
+        selections = [ImageSelection(k, i, item.grid, modality.name) for k, i, item in zip(keeps, importants, items)]
+        self.last = selections
         features = output.pooler_output if hasattr(output, "pooler_output") else output[1]
-        for image, mask in zip(features, self.family.pack(self.model, keeps, image_sizes)):
+        for image, mask, selection in zip(features, self.vision.pack(modality, keeps, arguments), selections):
             if image.shape[0] != mask.shape[0]:
                 raise RuntimeError(f"an image has {image.shape[0]} feature rows but {mask.shape[0]} packed keep flags")
             setattr(image, KEEP, mask.to(image.device))
+            setattr(image, SELECTION, selection)
         return output
-
-    def _attention_module(self, feature_layer: int) -> nn.Module:
-        # hidden_states[h] is the output of encoder layer h - 1 (hidden_states[0] is its input).
-        count = len(self._layers)
-        hidden = feature_layer if feature_layer >= 0 else count + 1 + feature_layer
-        if not 1 <= hidden <= count:
-            raise ValueError(
-                f"vision_feature_layer must select an encoder layer's output: an integer in "
-                f"-{count}..-1 or 1..{count}; got {feature_layer}"
-            )
-        return self._layers[hidden - 1].self_attn
 
     def _select(
         self,
+        items: list[Item],
         features: torch.Tensor,
         scores: torch.Tensor | None,
         keys: torch.Tensor | None,
         projected: torch.Tensor | None,
-        crops: list[int],
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Run the method on (total crops, N, C) features; return crop-level keep, important, features.
+        """Run the method on (T, C) features; return (T,) keep, important and (T, C) features.
 
-        Per crop, all crops are one batch. Per image, an image's crops are one sequence of
-        crops x N tokens (its patch grids stacked vertically), so the method spends the budget
-        where the image needs it; images with equal crop counts share a batch.
+        The budget's unit is a piece (``budget="per_crop"``) or a whole item (``"per_image"``,
+        its pieces stacked vertically into one grid, so the method spends the budget where the
+        item needs it). Units of equal size, grid and budget share one batch.
         """
         settings = self.settings
-        total, tokens, _ = features.shape
-        if settings.budget == "per_crop":
-            groups = {1: [[index] for index in range(total)]}
-        else:
-            groups = defaultdict(list)
-            start = 0
-            for count in crops:
-                groups[count].append(list(range(start, start + count)))
-                start += count
-        keep = torch.zeros(total, tokens, dtype=torch.bool, device=features.device)
+        units: dict[tuple[int, tuple[int, int], int], list[int]] = {}
+        start = 0
+        for item in items:
+            size = item.per_piece
+            if settings.budget == "per_crop":
+                if self.family.shared_piece_budget and settings.keep_ratio is None:
+                    budgets = shared_tokens(settings.num_tokens, item.pieces)
+                else:
+                    budgets = [settings.tokens_for(size)] * item.pieces
+                for piece, budget in enumerate(budgets):
+                    units.setdefault((size, item.grid, budget), []).append(start + piece * size)
+            else:
+                whole = item.pieces * size
+                grid = (item.pieces * item.grid[0], item.grid[1])
+                units.setdefault((whole, grid, settings.tokens_for(whole)), []).append(start)
+            start += item.pieces * size
+
+        keep = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
         important = None
         replaced = None
-        for count, members in groups.items():
-            index = torch.tensor([i for member in members for i in member], device=features.device)
-            units = len(members)
+        for (size, grid, budget), starts in units.items():
+            offsets = torch.arange(size, device=features.device)
+            index = (torch.tensor(starts, device=features.device).unsqueeze(1) + offsets).flatten()
+            count = len(starts)
 
             def gather(values: torch.Tensor | None) -> torch.Tensor | None:
-                return None if values is None else values[index].reshape(units, count * tokens, *values.shape[2:])
+                return None if values is None else values[index].reshape(count, size, *values.shape[1:])
 
             signals = VisionSignals(
                 features=gather(features),
                 attention=gather(scores),
                 keys=gather(keys),
-                grid=(count * self.grid[0], self.grid[1]),
+                grid=grid,
                 projected=gather(projected),
             )
             with torch.no_grad():
-                selection = settings.method.select(signals, settings.num_tokens, **settings.options)
-            keep[index] = selection.keep.reshape(units * count, tokens)
+                selection = settings.method.select(signals, budget, **settings.options)
+            keep[index] = selection.keep.flatten()
             if selection.important is not None:
                 if important is None:
                     important = torch.zeros_like(keep)
-                important[index] = selection.important.reshape(units * count, tokens)
+                important[index] = selection.important.flatten()
             if selection.features is not None:
                 if replaced is None:
                     replaced = features.clone()
-                replaced[index] = selection.features.reshape(units * count, tokens, -1).to(features.dtype)
+                replaced[index] = selection.features.reshape(count * size, -1).to(features.dtype)
         return keep, important, replaced
 
     # -- language side ---------------------------------------------------------------------
 
     def _generate(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         arguments = bind_arguments(original, args, kwargs)
-        if arguments.get("pixel_values") is not None or arguments.get("mm_encoder_outputs") is not None:
+        visual = arguments.get("mm_encoder_outputs") is not None or any(
+            arguments.get(modality.pixels) is not None for modality in self.family.modalities
+        )
+        if visual:
             config = arguments.get("generation_config") or self.model.generation_config
             for name, feature in UNSUPPORTED_GENERATE.items():
                 value = arguments[name] if name in arguments else getattr(config, name, None)
@@ -285,25 +421,23 @@ class VisionStagePruner:
         if past == 0 and hasattr(cache, PREFIX):
             delattr(cache, PREFIX)  # a reset cache: static caches are reused across generate() calls
         encoded = dict(arguments.get("mm_encoder_outputs") or {})
-        pixel_values = arguments.get("pixel_values")
-        if encoded.get("image") is None and pixel_values is not None and pixel_values.shape[0] > 0:
-            encoded["image"] = self.model.model.get_image_features(
-                pixel_values=pixel_values,
-                image_sizes=arguments.get("image_sizes"),
-                vision_feature_layer=arguments.get("vision_feature_layer"),
-                vision_feature_select_strategy=arguments.get("vision_feature_select_strategy"),
-                return_dict=True,
-            )
-            arguments["pixel_values"] = None
-            arguments["mm_encoder_outputs"] = encoded
-        if encoded.get("image") is None:
+        for modality in self.family.modalities:
+            pixels = arguments.get(modality.pixels)
+            if encoded.get(modality.name) is None and pixels is not None and pixels.shape[0] > 0:
+                encoder = getattr(self.model.model, modality.encoder)
+                extra = {name: arguments.get(name) for name in modality.arguments}
+                encoded[modality.name] = encoder(**{modality.pixels: pixels}, **extra, return_dict=True)
+                arguments[modality.pixels] = None
+                arguments["mm_encoder_outputs"] = encoded
+        present = [modality for modality in self.family.modalities if encoded.get(modality.name) is not None]
+        if not present:
             return original(**self._after_prefill(arguments, cache, past))
         if past:
             raise NotImplementedError(
                 "vispruner prunes images in the first forward of a KV cache; images in a later chunk "
                 "(prefill_chunk_size, or continuing a cache with a new image) are not supported"
             )
-        return self._prefill(original, arguments, encoded)
+        return self._prefill(original, arguments, encoded, present)
 
     def _after_prefill(self, arguments: dict[str, Any], cache: Any, past: int) -> dict[str, Any]:
         prefix: CompactedPrefix | None = getattr(cache, PREFIX, None)
@@ -312,49 +446,83 @@ class VisionStagePruner:
         inputs = arguments.get("input_ids")
         if inputs is None:
             inputs = arguments["inputs_embeds"]
-        arguments["attention_mask"] = prefix.mask(arguments.get("attention_mask"), past, inputs.shape[1])
-        arguments["position_ids"] = prefix.positions(arguments.get("position_ids"), past, inputs.shape[1])
+        new = inputs.shape[1]
+        positions = self.family.positions.step(self.model, arguments, prefix, past, new)
+        arguments["attention_mask"] = prefix.mask(arguments.get("attention_mask"), past, new)
+        arguments["position_ids"] = positions
         return arguments
 
-    def _prefill(self, original: Callable[..., Any], arguments: dict[str, Any], encoded: dict[str, Any]) -> Any:
-        images = encoded["image"]
-        features = list(images.pooler_output)
-        masks = [getattr(image, KEEP, None) for image in features]
-        if any(mask is None for mask in masks):
-            raise ValueError(
-                "mm_encoder_outputs['image'] was computed without vispruner (or copied, which drops the "
-                "keep masks); pass pixel_values, or compute it with the patched model.model.get_image_features"
-            )
+    def _prefill(
+        self, original: Callable[..., Any], arguments: dict[str, Any], encoded: dict[str, Any], present: list[Modality]
+    ) -> Any:
         input_ids, embeds = arguments.get("input_ids"), arguments.get("inputs_embeds")
-        is_image = self._placeholders(input_ids, embeds)
-        image_keep = torch.cat(masks).to(is_image.device)
-        if int(is_image.sum()) != image_keep.numel() or bool(image_keep.all()):
+        keep: torch.Tensor | None = None
+        selections: list[ImageSelection] = []
+        all_masks: dict[str, list[torch.Tensor]] = {}
+        for modality in present:
+            features = list(encoded[modality.name].pooler_output)
+            masks = [getattr(item, KEEP, None) for item in features]
+            if any(mask is None for mask in masks):
+                raise ValueError(
+                    f"mm_encoder_outputs[{modality.name!r}] was computed without vispruner (or copied, which drops "
+                    f"the keep masks); pass {modality.pixels}, or compute it with the patched "
+                    f"model.model.{modality.encoder}"
+                )
+            selections += [getattr(item, SELECTION) for item in features]
+            all_masks[modality.name] = masks
+            is_item = self._placeholders(modality, input_ids, embeds)
+            item_keep = torch.cat(masks).to(is_item.device)
+            if int(is_item.sum()) != item_keep.numel():
+                keep = None
+                break
+            if keep is None:
+                keep = torch.ones_like(is_item)
+            keep[is_item] = item_keep
+        self.last = selections
+        if keep is None or bool(keep.all()):
             # Nothing to prune, or a placeholder mismatch the stock forward reports in its own words.
-            self.last_tokens = torch.ones_like(is_image)
+            reference = input_ids if input_ids is not None else embeds[..., 0]
+            self.last_tokens = torch.ones(reference.shape, dtype=torch.bool, device=reference.device)
             return original(**arguments)
         if isinstance(arguments.get("logits_to_keep"), torch.Tensor):
             raise NotImplementedError("logits_to_keep as a tensor of positions is not supported with pruning; pass an int")
 
-        keep = ~is_image
-        keep[is_image] = image_keep
+        positions = self.family.positions.prefill(self.model, arguments)
+        others = {name: arguments[name] for name in self.family.streams if arguments.get(name) is not None}
+        if positions is not None:
+            others["_positions"] = positions[1:].permute(1, 2, 0)
         short = compact(
             keep,
             input_ids=input_ids,
             inputs_embeds=embeds,
             attention_mask=arguments.get("attention_mask"),
-            position_ids=arguments.get("position_ids"),
+            position_ids=arguments.get("position_ids") if positions is None else positions[0],
             labels=arguments.get("labels"),
+            others=others,
             pad_token_id=self._pad_token_id(),
         )
-        kept = type(images)(**images)
-        kept.pooler_output = [image[mask.to(image.device)] for image, mask in zip(features, masks)]
+        position_ids = short.position_ids
+        if positions is not None:
+            position_ids = torch.cat([short.position_ids.unsqueeze(0), short.others.pop("_positions").permute(2, 0, 1)])
+        kept_outputs = {}
+        for modality in present:
+            output = encoded[modality.name]
+            masks = all_masks[modality.name]
+            kept = type(output)(**output)
+            kept.pooler_output = [item[mask.to(item.device)] for item, mask in zip(output.pooler_output, masks)]
+            for name in self.family.item_streams:
+                layers = getattr(output, name, None)
+                if layers is not None:
+                    setattr(kept, name, [[t[m.to(t.device)] for t, m in zip(layer, masks)] for layer in layers])
+            kept_outputs[modality.name] = kept
         arguments.update(
             input_ids=short.input_ids,
             inputs_embeds=short.inputs_embeds,
             attention_mask=short.attention_mask,
-            position_ids=short.position_ids,
+            position_ids=position_ids,
             labels=short.labels,
-            mm_encoder_outputs={**encoded, "image": kept},
+            mm_encoder_outputs={**encoded, **kept_outputs},
+            **short.others,
         )
         output = original(**arguments)
         cache = _cache_of(output)
@@ -363,18 +531,20 @@ class VisionStagePruner:
         self.last_tokens = keep
         return output
 
-    def _placeholders(self, input_ids: torch.Tensor | None, embeds: torch.Tensor | None) -> torch.Tensor:
-        image_token_id = self.model.config.image_token_id
+    def _placeholders(self, modality: Modality, input_ids: torch.Tensor | None, embeds: torch.Tensor | None) -> torch.Tensor:
+        token_id = getattr(self.model.config, modality.token_id)
         if input_ids is not None:
-            return input_ids == image_token_id
-        token = torch.tensor(image_token_id, device=embeds.device)
+            return input_ids == token_id
+        token = torch.tensor(token_id, device=embeds.device)
         return (embeds == self.model.get_input_embeddings()(token)).all(dim=-1)
 
     def _pad_token_id(self) -> int:
-        # Any id but the image token works: padding is masked, and it must not count as a placeholder.
+        # Any id but a placeholder works: padding is masked, and it must not count as a placeholder.
         config = self.model.config
-        candidates = (getattr(config.text_config, "pad_token_id", None), getattr(config, "pad_token_id", None), 0, 1)
-        return next(c for c in candidates if c is not None and c != config.image_token_id)
+        placeholders = {getattr(config, modality.token_id) for modality in self.family.modalities}
+        text = getattr(config, "text_config", None)
+        candidates = (getattr(text, "pad_token_id", None), getattr(config, "pad_token_id", None), 0, 1, 2)
+        return next(c for c in candidates if c is not None and c not in placeholders)
 
     def _masks_for_generate(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         arguments = bind_arguments(original, args, kwargs)
@@ -389,27 +559,3 @@ def _cache_of(output: Any) -> Any:
     if hasattr(output, "past_key_values"):
         return output.past_key_values
     return next((item for item in output if isinstance(item, Cache)), None)
-
-
-def _encoder_layers(tower: nn.Module) -> nn.ModuleList:
-    for owner in (tower, getattr(tower, "vision_model", None)):
-        layers = getattr(getattr(owner, "encoder", None), "layers", None)
-        if isinstance(layers, nn.ModuleList):
-            return layers
-    raise TypeError(f"vision tower {type(tower).__name__} has no encoder.layers; vispruner supports CLIP-style towers")
-
-
-def _check_model(model: nn.Module, layers: nn.ModuleList) -> None:
-    config = model.config
-    attention = getattr(layers[0], "self_attn", None)
-    if not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "num_heads", "head_dim", "scale")):
-        raise TypeError(
-            f"vision tower {type(model.model.vision_tower).__name__} is not a CLIP-style transformer with a [CLS] "
-            "token; vispruner supports CLIP towers"
-        )
-    if not isinstance(config.vision_feature_layer, int) or config.vision_feature_select_strategy != "default":
-        raise TypeError(
-            "vispruner needs a model whose features come from one vision layer with [CLS] dropped "
-            "(config.vision_feature_layer an int, vision_feature_select_strategy='default'); got "
-            f"{config.vision_feature_layer!r} and {config.vision_feature_select_strategy!r}"
-        )
