@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration
 
 import vispruner
+from vispruner.methods import available_methods, get_method
 
 from .cases import FAMILIES, model_and_inputs
 
@@ -49,6 +50,32 @@ def test_remove_restores_the_instance_exactly(family):
     logits, tokens = run(model, inputs)
     assert torch.equal(logits, stock_logits) and torch.equal(tokens, stock_tokens)
     vispruner.remove(model)  # removing twice is harmless
+
+
+def instance_state(model) -> dict:
+    """Every submodule's instance attributes (by identity) and the hooks registered on it."""
+    state = {}
+    for name, module in model.named_modules():
+        for key, value in vars(module).items():
+            hooks = tuple(value.items()) if isinstance(value, dict) and "hook" in key else None
+            state[name, key] = (id(value), hooks)
+    return state
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", available_methods())
+def test_remove_leaves_no_attribute_or_hook_behind(family, method):
+    model, inputs = model_and_inputs(family)
+    model.generate(**inputs, max_new_tokens=2)  # whatever a run sets lazily is set before the snapshot
+    before = instance_state(model)
+    options = {"layer": 1} if get_method(method).stage == "llm" else {}  # two decoder layers
+    vispruner.apply(model, num_tokens=4, method=method, **options)
+    assert instance_state(model) != before
+    model.generate(**inputs, max_new_tokens=2)
+    vispruner.remove(model)
+    after = instance_state(model)
+    assert sorted(set(after) ^ set(before)) == []
+    assert [key for key in before if after[key] != before[key]] == []
 
 
 def test_patching_is_per_instance_and_never_on_the_class():
