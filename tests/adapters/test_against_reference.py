@@ -65,8 +65,8 @@ def test_language_model_receives_text_and_kept_tokens(family, budget, method):
         assert (selection.important is None) == (image.important is None)
         if image.important is not None:
             assert torch.equal(selection.important, image.important)
-    # Shorter than the prompt: the pruned placeholders are gone, not masked.
-    assert seen["embeds"].shape[1] < prompt_length(inputs)
+    # Exactly as wide as the longest kept row: pruned placeholders and the input's padding are gone.
+    assert seen["embeds"].shape[1] == max(len(expected) for expected, _ in rows) < prompt_length(inputs)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

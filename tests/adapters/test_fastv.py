@@ -37,12 +37,23 @@ def test_greedy_tokens_and_logits_match_reference(family, attn_implementation, l
     model, inputs = model_and_inputs(family, attn_implementation)
     rows = prompt_rows(model, inputs)
     vispruner.apply(model, NUM_TOKENS, method="fastv", layer=layer)
-    out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    widths = []
+    norm = model.model.language_model.norm
+    handle = norm.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
+    try:
+        out = model.generate(
+            **inputs, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True, output_logits=True
+        )
+    finally:
+        handle.remove()
     logits = torch.stack(out.logits, dim=1)
     for row, (embeds, groups) in enumerate(rows):
         tokens, expected = fastv_greedy(model, embeds, groups, layer, NUM_TOKENS, STEPS)
         assert new_tokens(out.sequences, inputs)[row] == tokens
         torch.testing.assert_close(logits[row], expected, rtol=1e-4, atol=1e-5)
+    # After the cut the prefill is exactly as wide as its longest kept row: no padding survives.
+    kept = [int(fastv_logits(model, embeds, groups, layer, NUM_TOKENS)[1].sum()) for embeds, groups in rows]
+    assert widths[0] == max(kept) < inputs["input_ids"].shape[1]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

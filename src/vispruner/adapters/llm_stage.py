@@ -242,10 +242,10 @@ class LanguageStagePruner:
     ) -> torch.Tensor:
         batch, length = keep.shape
         short = compact(keep, inputs_embeds=hidden, attention_mask=step.attention_mask)
+        self.last_tokens = short.keep  # without the padding, which compact() drops as well
 
         def along(values: torch.Tensor) -> torch.Tensor:
-            # compact() gathers any (B, L, ...) tensor given as inputs_embeds; padding gets 0.
-            return compact(keep, inputs_embeds=values.expand(batch, length, *values.shape[2:])).inputs_embeds
+            return short.gather(values.expand(batch, length, *values.shape[2:]))
 
         cos, sin = kwargs["position_embeddings"]
         step.replacements = {

@@ -528,7 +528,7 @@ class VisionStagePruner:
         cache = _cache_of(output)
         if cache is not None:
             setattr(cache, PREFIX, short.prefix)
-        self.last_tokens = keep
+        self.last_tokens = short.keep
         return output
 
     def _placeholders(self, modality: Modality, input_ids: torch.Tensor | None, embeds: torch.Tensor | None) -> torch.Tensor:
