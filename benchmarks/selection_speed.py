@@ -10,13 +10,12 @@ masks; the script checks that before it prints the ratio.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import vispruner
+from vispruner.bench.timing import interleaved_medians
 
 
 def plain_loop(features: torch.Tensor, attention: torch.Tensor, num_tokens: int, ratio: float) -> torch.Tensor:
@@ -38,18 +37,6 @@ def plain_loop(features: torch.Tensor, attention: torch.Tensor, num_tokens: int,
             residual = torch.cat([residual[0::2][survivors], residual[1::2]])
         masks[b, residual] = True
     return masks
-
-
-def interleaved_medians(first, second, repeats: int) -> tuple[float, float]:
-    """Median seconds of each function, run alternately so that machine noise hits both alike."""
-    first(), second()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for fn, bucket in zip((first, second), times):
-            start = time.perf_counter()
-            fn()
-            bucket.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def main() -> None:

@@ -34,6 +34,19 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def interleaved_medians(first: Callable[[], Any], second: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """Median seconds of each function (CPU clock), after one warm-up call each, run alternately so
+    that machine noise hits both alike; for benchmark scripts that compare two ways side by side."""
+    first(), second()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for fn, bucket in zip((first, second), times):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 class DecodeClock(LogitsProcessor):
     """A logits processor that only reads the clock: generation calls it once per new token.
 
