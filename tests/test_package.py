@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +15,14 @@ import vispruner
 def test_import_is_light():
     code = "import sys, vispruner; heavy = [m for m in ('torch', 'transformers', 'matplotlib', 'PIL') if m in sys.modules]; print(heavy)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_viz_is_an_attribute_of_the_package_and_stays_light():
+    # The package under test, not whichever copy is installed.
+    env = {**os.environ, "PYTHONPATH": str(Path(vispruner.__file__).parents[1])}
+    code = "import sys, vispruner; vispruner.viz.draw_selection; print([m for m in ('torch', 'transformers') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "[]"
 
 

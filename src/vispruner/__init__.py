@@ -24,7 +24,15 @@ _LAZY = {
 }
 
 
+#: Submodules reachable as attributes (``vispruner.viz.draw_selection``), imported on first use.
+_SUBMODULES = ("viz",)
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        value = import_module(f"vispruner.{name}")
+        globals()[name] = value
+        return value
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'vispruner' has no attribute {name!r}")
@@ -34,7 +42,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_LAZY))
+    return sorted(list(globals()) + list(_LAZY) + list(_SUBMODULES))
 
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["__version__", *_LAZY, *_SUBMODULES]

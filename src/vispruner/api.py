@@ -48,7 +48,7 @@ def apply(
             evenly, the first groups one more when it does not divide, at least one each),
             ``"per_image"`` spends it over the whole video. Both mean the same for one-piece
             images (LLaVA-1.5, Qwen-VL).
-        **options: the method's own options, checked against ``Method.options``.
+        **options: the method's own options, each checked against its range in ``Method.options``.
 
     Vision-stage methods prune before the language model. ``method="fastv"`` prunes inside it:
     decoder layers before ``layer`` (option, default 2) see every image token, the later ones
@@ -73,7 +73,7 @@ def apply(
         keep_ratio = float(keep_ratio)
     else:
         num_tokens = check_num_tokens(DEFAULT_NUM_TOKENS if num_tokens is None else num_tokens)
-    check_options(chosen, options)
+    options = check_options(chosen, options)
     important_ratio = check_ratio(important_ratio, "important_ratio")
     if "important_ratio" in chosen.options:
         options = {**options, "important_ratio": important_ratio}

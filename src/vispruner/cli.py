@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
+
+from vispruner.commands.arguments import UsageError
 
 #: subcommand -> (module that defines ``add_arguments(parser)`` and ``run(args)``, help line)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -16,10 +18,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a mistake as one line, ``vispruner <command>: ...``, and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, self.prog)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vispruner import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vispruner",
         description="Training-free visual token pruning for vision-language models (VisPruner and peers).",
     )
@@ -34,12 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; a user's mistake prints one line on stderr and returns 2, before any work."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    return int(importlib.import_module(args._module).run(args) or 0)
+    prog = parser.prog
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        prog = f"{parser.prog} {args.command}"
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except UsageError as error:
+        message, where = (error.args + (prog,))[:2]
+        print(f"{where}: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -164,6 +164,12 @@ def test_unsupported_models_raise_type_error_listing_families():
         ({"num_tokens": 8, "keep_ratio": 0.5}, "give num_tokens or keep_ratio, not both"),
         ({"keep_ratio": 0}, r"keep_ratio must be a number in \(0, 1\]"),
         ({"keep_ratio": 1.5}, r"keep_ratio must be a number in \(0, 1\]"),
+        # Each method's options are checked against their declared ranges at apply, not at the first forward.
+        ({"method": "random", "seed": -1}, r"seed must be an integer in \[0, 2\*\*63 - 1\]; got -1"),
+        ({"method": "random", "seed": 1.5}, r"seed must be an integer"),
+        ({"method": "visionzip", "contextual_ratio": 2.0}, r"contextual_ratio must be a number in \[0, 1\]; got 2.0"),
+        ({"method": "fastv", "layer": 0}, r"layer must be an integer >= 1; got 0"),
+        ({"method": "fastv", "layer": 9}, r"layer must be an integer in \[1, \d+\]"),
     ],
 )
 def test_bad_arguments_raise_value_error_and_leave_the_model_alone(arguments, message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -76,6 +77,8 @@ def test_a_checkpoint_on_disk_loads_only_the_layers_asked_for(tmp_path):
         (["--preset", "tiny-llava", "--new-tokens", "1"], "new_tokens must be an integer >= 2"),
     ],
 )
-def test_bad_arguments_name_the_argument(argv, message):
-    with pytest.raises(SystemExit, match=message):
-        main(["bench", *argv, "--no-progress"])
+def test_bad_arguments_name_the_argument(argv, message, capsys):
+    assert main(["bench", *argv, "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("vispruner bench: ") and error.count("\n") == 1
+    assert re.search(message, error)

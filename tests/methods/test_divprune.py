@@ -82,7 +82,7 @@ def test_half_precision_gives_the_float32_result():
 
 def test_registered_to_choose_among_the_projected_tokens():
     method = get_method("divprune")
-    assert method.options == () and method.needs == frozenset({"projected"})
+    assert tuple(method.options) == () and method.needs == frozenset({"projected"})
     features, projected = torch.randn(1, 7, 2), torch.randn(1, 7, 5)
     chosen = method.select(VisionSignals(features, projected=projected), 3).keep
     assert torch.equal(chosen, divprune_selection(projected, 3).keep)

@@ -36,7 +36,7 @@ def test_equals_brute_force_top_k(problem):
 
 def test_registered_with_no_options_and_needs_attention():
     method = get_method("fastervlm")
-    assert method.options == () and method.needs == frozenset({"attention"})
+    assert tuple(method.options) == () and method.needs == frozenset({"attention"})
     with pytest.raises(ValueError, match=r"method 'fastervlm' needs the \[CLS\] attention"):
         method.select(VisionSignals(torch.randn(1, 4, 2)), 2)
 

@@ -58,7 +58,7 @@ def test_ties_go_to_the_lower_position_and_ids_are_per_row():
 
 def test_registered_as_an_llm_stage_method():
     method = get_method("fastv")
-    assert method.stage == "llm" and method.options == ("layer",)
+    assert method.stage == "llm" and tuple(method.options) == ("layer",)
     signals = LanguageSignals(torch.tensor([[0.1, 0.5, 0.2]]), torch.tensor([[0, 0, -1]]))
     assert method.select(signals, 1).keep.tolist() == [[False, True, True]]
 
@@ -89,3 +89,8 @@ def test_bad_budget(num_tokens):
 def test_bad_layer(layer):
     with pytest.raises(ValueError, match=r"layer must be an integer in \[1, 3\] \(the language model has 4 decoder layers\)"):
         check_layer(layer, 4)
+
+
+def test_a_one_layer_language_model_is_refused_plainly():
+    with pytest.raises(ValueError, match="fastv needs a language model of at least 2 decoder layers.*this one has 1"):
+        check_layer(1, 1)

@@ -73,7 +73,7 @@ def test_half_precision_features_stay_half():
 
 def test_registered_and_needs_the_grid():
     method = get_method("pooling")
-    assert method.needs == frozenset({"grid"}) and method.options == ()
+    assert method.needs == frozenset({"grid"}) and tuple(method.options) == ()
     with pytest.raises(ValueError, match=r"method 'pooling' needs the patch grid \(rows, cols\)"):
         method.select(VisionSignals(torch.randn(1, 4, 2), torch.rand(1, 4)), 2)
 

@@ -41,7 +41,7 @@ def test_seeds_differ_and_positions_are_uniform():
 
 def test_registered_with_the_seed_option():
     method = get_method("random")
-    assert method.options == ("seed",) and method.needs == frozenset()
+    assert tuple(method.options) == ("seed",) and method.needs == frozenset()
     signals = VisionSignals(torch.randn(1, 30, 2))
     assert torch.equal(method.select(signals, 5, seed=4).keep, random_selection(signals.features, 5, 4).keep)
 

@@ -104,7 +104,7 @@ def test_keeping_everything_leaves_features_unchanged():
 
 def test_registered_with_its_option_and_needs():
     method = get_method("visionzip")
-    assert method.options == ("contextual_ratio",) and method.needs == frozenset({"attention", "keys"})
+    assert tuple(method.options) == ("contextual_ratio",) and method.needs == frozenset({"attention", "keys"})
     with pytest.raises(ValueError, match=r"method 'visionzip' needs the vision layer's attention keys"):
         method.select(VisionSignals(torch.randn(1, 4, 2), torch.rand(1, 4)), 2)
     with pytest.raises(ValueError, match=r"method 'visionzip' needs the \[CLS\] attention"):

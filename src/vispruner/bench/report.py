@@ -10,23 +10,23 @@ from .runner import FULL, BenchResult
 
 _MIB = 2**20
 
-#: (header, row key, format) of the table's columns.
+#: (header, row key, format, what it is) of the table's columns; the table prints the last below it.
 _COLUMNS = (
-    ("method", "method", "{}"),
-    ("tokens", "num_tokens", "{}"),
-    ("to LM", "visual_tokens", "{}"),
-    ("prefill ms", "prefill_ms", "{:.1f}"),
-    ("speedup", "prefill_speedup", "{:.2f}x"),
-    ("vision ms", "vision_ms", "{:.1f}"),
-    ("LM ms", "llm_prefill_ms", "{:.1f}"),
-    ("decode ms/tok", "decode_ms_per_token", "{:.1f}"),
-    ("overhead ms", "pruning_overhead_ms", "{:.1f}"),
-    ("% full prefill", "pruning_overhead_share_of_full", "{:.2%}"),
-    ("LM TFLOPs", "llm_prefill_tflops_analytic", "{:.4g}"),
-    ("counted", "llm_prefill_tflops_counted", "{:.4g}"),
-    ("vision TFLOPs", "vision_tflops", "{:.4g}"),
-    ("KV MiB", "kv_cache_bytes", "mib"),
-    ("peak MiB", "peak_memory_bytes", "mib"),
+    ("method", "method", "{}", "the pruning method; none = the unpruned model"),
+    ("tokens", "num_tokens", "{}", "visual-token budget per crop"),
+    ("to LM", "visual_tokens", "{}", "visual tokens entering the language model (fastv: its first layers see all)"),
+    ("prefill ms", "prefill_ms", "{:.1f}", "one whole prefill, the repeat of median time"),
+    ("speedup", "prefill_speedup", "{:.2f}x", "prefill ms of none / prefill ms of the row"),
+    ("vision ms", "vision_ms", "{:.1f}", "of that prefill: vision tower + projector"),
+    ("LM ms", "llm_prefill_ms", "{:.1f}", "of that prefill: language model + LM head (the rest is glue and selection)"),
+    ("decode ms/tok", "decode_ms_per_token", "{:.1f}", "mean greedy decode step, median over the repeats"),
+    ("overhead ms", "pruning_overhead_ms", "{:.1f}", "of that prefill: the method's own work (selection, hooks, compaction)"),
+    ("% full prefill", "pruning_overhead_share_of_full", "{:.2%}", "overhead ms / prefill ms of none"),
+    ("LM TFLOPs", "llm_prefill_tflops_analytic", "{:.4g}", "language-model prefill FLOPs by formula"),
+    ("counted", "llm_prefill_tflops_counted", "{:.4g}", "the same, counted by torch.utils.flop_counter"),
+    ("vision TFLOPs", "vision_tflops", "{:.4g}", "counted FLOPs outside the language model"),
+    ("KV MiB", "kv_cache_bytes", "mib", "KV cache after the prefill"),
+    ("peak MiB", "peak_memory_bytes", "mib", "peak tensor memory of one generate, weights included"),
 )
 
 
@@ -49,27 +49,34 @@ def header(result: BenchResult) -> list[str]:
             f"(--layers {meta['llm_layers']}): times, LM FLOPs, KV cache and memory are for that reduced model, "
             "not the full one."
         )
+    lines += [f"note: {note}" for note in settings.get("notes", ())]
     lines += [f"skipped: {note}" for note in meta["skipped"]]
     return lines
 
 
+def legend() -> list[str]:
+    """What each column is (docs/benchmarks.md has the details)."""
+    width = max(len(title) for title, *_ in _COLUMNS)
+    return ["columns:"] + [f"  {title:<{width}}  {meaning}" for title, _, _, meaning in _COLUMNS]
+
+
 def format_table(result: BenchResult) -> str:
     """The rows as an aligned plain-text table, under :func:`header`."""
-    cells = [[title for title, _, _ in _COLUMNS]]
+    cells = [[title for title, *_ in _COLUMNS]]
     for row in result.rows:
-        cells.append([_cell(row[key], form) for _, key, form in _COLUMNS])
+        cells.append([_cell(row[key], form) for _, key, form, _ in _COLUMNS])
     widths = [max(len(line[i]) for line in cells) for i in range(len(_COLUMNS))]
     lines = ["  ".join(text.rjust(width) for text, width in zip(line, widths)) for line in cells]
     lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(header(result) + [""] + lines)
+    return "\n".join(header(result) + [""] + lines + [""] + legend())
 
 
 def format_markdown(result: BenchResult) -> str:
     """The rows as a Markdown table (for docs)."""
-    titles = [title for title, _, _ in _COLUMNS]
+    titles = [title for title, *_ in _COLUMNS]
     lines = ["| " + " | ".join(titles) + " |", "|" + " --- |" * len(titles)]
     for row in result.rows:
-        lines.append("| " + " | ".join(_cell(row[key], form) for _, key, form in _COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(row[key], form) for _, key, form, _ in _COLUMNS) + " |")
     return "\n".join(lines)
 
 

@@ -1,24 +1,27 @@
 """The benchmark: the unpruned model, then every (method, budget), measured side by side.
 
-Each row is measured the same way, on the same inputs, in one process:
+Each row is measured the same way, on the same inputs, in one process. After ``warmup``
+untimed prefills, each of ``repeats`` repeats times one prefill (a forward over the whole
+prompt: image encoding, selection, language-model prefill, the last position's logits) with
+the stock modules' forwards (vision tower, projector, language model, LM head) and the method's
+hooks inside them timed separately, then one greedy ``generate``. A pruned row's repeat first
+times an unpruned prefill the same way, back to back, for the overhead. The time columns of a
+row all come from one repeat, the one whose prefill took the median time, so that they agree:
 
-* ``prefill_ms``: median over ``repeats`` of one forward over the whole prompt (image encoding,
-  selection, language-model prefill, the last position's logits), after ``warmup`` untimed runs;
-* ``decode_ms_per_token``: median over the same repeats of the mean decode step of a greedy
-  ``generate`` of ``new_tokens`` tokens (steps read by a logits processor);
+* ``prefill_ms``: that prefill, whole; ``vision_ms`` (vision tower and projector) and
+  ``llm_prefill_ms`` (language model and LM head) are parts of it, and the rest is the
+  model's glue and the method's own work outside those forwards;
 * ``pruning_overhead_ms``: the work the method adds: its hooks, its selection, the compaction
-  of the sequence. Each repeat of a pruned row also runs two instrumented prefills back to
-  back, unpruned then pruned, that time the stock modules' forwards (vision tower, projector,
-  language model, LM head) and the method's hooks inside them. The selection and the
-  compaction run outside those forwards, so overhead = (time outside the stock forwards,
-  pruned) - (the same, unpruned) + (time in the method's hooks); the median over the repeats.
-  What pruning saves inside the stock forwards (a shorter language-model input) does not
-  offset it; the model's own glue outside them (scattering image features into the prompt)
-  does shrink with the kept tokens, a small saving that the figure nets out;
-* ``prefill_speedup``: the median over the repeats of unpruned / pruned time of that adjacent
-  pair, so that drifts in a shared machine's speed cancel;
-* ``vision_ms`` (vision tower and projector) and ``llm_prefill_ms`` (language model and LM
-  head): the medians of those forwards in the instrumented prefills;
+  of the sequence. The selection and the compaction run outside the stock forwards, so
+  overhead = (time outside the stock forwards, pruned) - (the same in the unpruned prefill
+  just before) + (time in the method's hooks). What pruning saves inside the stock forwards
+  (a shorter language-model input) does not offset it; the model's own glue outside them
+  (scattering image features into the prompt) does shrink with the kept tokens, a small
+  saving that the figure nets out;
+* ``prefill_speedup``: the unpruned row's ``prefill_ms`` / this row's, exactly the ratio of
+  the two table entries;
+* ``decode_ms_per_token``: median over the repeats of the mean decode step of a greedy
+  ``generate`` of ``new_tokens`` tokens (steps read by a logits processor);
 * FLOPs and the KV cache: one forward under a FLOP counter; peak memory: one ``generate``.
 """
 
@@ -32,11 +35,11 @@ from typing import Any, Callable
 import torch
 from transformers import LogitsProcessorList, PreTrainedModel
 
-from ..methods import get_method
+from ..methods import check_options, get_method
 from .flops import flop_counter, llm_prefill_flops, split_counts
 from .inputs import default_image_size, image_inputs, is_next, placeholders_per_image, prompt_inputs
 from .memory import PeakMemory, kv_cache_bytes, resident_bytes
-from .timing import DecodeClock, PrefillBreakdown, hook_keys, median, timed_ms
+from .timing import DecodeClock, PrefillBreakdown, hook_keys, median
 
 #: The unpruned model's row.
 FULL = "none"
@@ -48,6 +51,10 @@ class BenchSettings:
 
     tokens: tuple[int, ...] = (576, 192, 128, 64, 32)
     methods: tuple[str, ...] | None = None
+    #: method -> its options (``vispruner.apply`` keywords); methods absent take their defaults.
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: what the report should say about the options (e.g. which methods took one).
+    notes: tuple[str, ...] = ()
     batch_size: int = 1
     text_tokens: int = 64
     new_tokens: int = 16
@@ -64,6 +71,8 @@ class BenchSettings:
             raise ValueError(f"tokens must be one or more integers >= 1; got {self.tokens!r}")
         for name in self.methods or ():
             get_method(name)  # a ValueError listing the registered methods
+        for name, options in self.options.items():
+            check_options(get_method(name), options)
 
 
 @dataclass
@@ -166,38 +175,34 @@ class _Bench:
         self.step()
         for _ in range(self.settings.warmup):
             self.prefill()
-        prefill, decode, overhead, speedup, vision, llm = [], [], [], [], [], []
+        repeats, decode = [], []
         for _ in range(self.settings.repeats):
-            prefill.append(timed_ms(self.prefill, self.device))
             if patch is None:
                 times = self._instrumented(None).ms
-                overhead.append(0.0)
-                speedup.append(1.0)
+                overhead = 0.0
             else:
                 vispruner.remove(self.model)
                 unpruned = self._instrumented(None).ms
                 before = hook_keys(self.model)
                 patch()
                 times = self._instrumented(before).ms
-                overhead.append(times["outside"] + times["hooks"] - unpruned["outside"])
-                speedup.append(unpruned["total"] / times["total"])
-            vision.append(times["vision_tower"] + times["multi_modal_projector"])
-            llm.append(times["language_model"] + times["lm_head"])
+                overhead = times["outside"] + times["hooks"] - unpruned["outside"]
+            repeats.append({**times, "overhead": overhead})
             clock = DecodeClock(self.device)
             self.generate(clock)
             decode.append(clock.ms_per_token())
             self.step()
+        times = sorted(repeats, key=lambda repeat: repeat["total"])[(len(repeats) - 1) // 2]
         memory = PeakMemory(self.device, self.resident)
         with memory.measure():
             self.generate()
         self.step()
         row.update(
-            prefill_ms=median(prefill),
+            prefill_ms=times["total"],
+            vision_ms=times["vision_tower"] + times["multi_modal_projector"],
+            llm_prefill_ms=times["language_model"] + times["lm_head"],
+            pruning_overhead_ms=times["overhead"],
             decode_ms_per_token=median(decode),
-            pruning_overhead_ms=median(overhead),
-            prefill_speedup=median(speedup),
-            vision_ms=median(vision),
-            llm_prefill_ms=median(llm),
             peak_memory_bytes=memory.peak_bytes,
         )
         return row
@@ -251,7 +256,8 @@ def run_bench(
         for name in methods:
             for budget in budgets:
                 bar.set_postfix_str(f"{name} {budget}")
-                patch = functools.partial(vispruner.apply, model, num_tokens=budget, method=name)
+                options = settings.options.get(name, {})
+                patch = functools.partial(vispruner.apply, model, num_tokens=budget, method=name, **options)
                 try:
                     patch()
                 except (TypeError, ValueError, NotImplementedError) as error:
@@ -296,6 +302,7 @@ def _finish_row(row: dict[str, Any], full: dict[str, Any], settings: BenchSettin
     row.update(
         text_tokens=settings.text_tokens,
         batch_size=settings.batch_size,
+        prefill_speedup=full["prefill_ms"] / row["prefill_ms"],
         pruning_overhead_share=row["pruning_overhead_ms"] / row["prefill_ms"],
         pruning_overhead_share_of_full=row["pruning_overhead_ms"] / full["prefill_ms"],
         llm_flops_ratio=full["llm_prefill_tflops_analytic"] / row["llm_prefill_tflops_analytic"],

@@ -23,13 +23,6 @@ def now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def timed_ms(fn: Callable[[], Any], device: torch.device) -> float:
-    """Milliseconds ``fn()`` takes, device work included."""
-    start = now(device)
-    fn()
-    return (now(device) - start) * 1e3
-
-
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .arguments import UsageError, add_method_options, check_output, check_plot, integer_at_least, method_names, method_options
+
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -15,10 +17,6 @@ def _int_list(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, e.g. 576,64; got {text!r}")
     return values
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _label(args: argparse.Namespace, presets: dict) -> str:
@@ -38,8 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tokens", type=_int_list, default=(576, 192, 128, 64, 32),
                         help="visual-token budgets per crop (default 576,192,128,64,32)")
-    parser.add_argument("--methods", type=_names, default=None,
+    parser.add_argument("--methods", type=method_names, default=None,
                         help="comma-separated methods (default: every registered method; see `vispruner methods`)")
+    add_method_options(parser)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on cuda, float32 on cpu")
@@ -50,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed prefills before timing each row (default 1)")
     parser.add_argument("--layers", type=int, default=None,
                         help="cut the language model to its first N layers (the report says so)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=integer_at_least(1), default=None,
                         help="CPU threads for torch (default: torch's choice); on a busy machine 1 avoids the "
                         "stalls of threads waiting for each other")
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights and inputs (default 0)")
@@ -75,20 +74,25 @@ def run(args: argparse.Namespace) -> int:
         write_json,
     )
     from vispruner.bench.report import header
+    from vispruner.methods import available_methods
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"vispruner bench: --threads must be an integer >= 1; got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.preset is not None and args.preset not in PRESETS:
+        raise UsageError(f"--preset must be one of {', '.join(PRESETS)}; got {args.preset!r}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("vispruner bench: --device cuda was asked for, but torch sees no CUDA device")
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
+    methods = args.methods or tuple(available_methods())
+    options = method_options(args, methods)
+    check_output(args.json, "--json")
+    check_plot(args.plot)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("float16" if device == "cuda" else "float32"))
-    if args.preset is not None and args.preset not in PRESETS:
-        raise SystemExit(f"vispruner bench: --preset must be one of {', '.join(PRESETS)}; got {args.preset!r}")
     settings = BenchSettings(
         tokens=args.tokens,
-        methods=args.methods,
+        methods=methods,
+        options=options.per_method,
+        notes=tuple(options.notes),
         batch_size=args.batch_size,
         text_tokens=args.text_tokens,
         new_tokens=args.new_tokens,
@@ -102,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
             model, full_layers = build_preset(args.preset, args.layers, dtype, args.seed, device)
         else:
             model, full_layers = load_model(args.model, args.layers, dtype)
-    except ValueError as error:
-        raise SystemExit(f"vispruner bench: {error}") from None
+    except (ValueError, OSError) as error:
+        raise UsageError(str(error).splitlines()[0]) from None
     model.to(device)
     try:
         result = run_bench(
@@ -115,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     except TypeError as error:
-        raise SystemExit(f"vispruner bench: {error}") from None
+        raise UsageError(str(error)) from None
     if args.markdown:
         print("\n".join(header(result) + ["", format_markdown(result)]))
     else:

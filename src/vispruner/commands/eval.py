@@ -4,49 +4,60 @@ from __future__ import annotations
 
 import argparse
 
+from .arguments import (
+    add_method_options,
+    budgets,
+    check_output,
+    check_plot,
+    integer_at_least,
+    method_names,
+    method_options,
+    visual_tokens_of,
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="testbed", help="'testbed' (bundled) or a model path or hub id")
-    parser.add_argument("--methods", default="vispruner,random", help="comma-separated registered methods")
+    parser.add_argument("--methods", type=method_names, default="vispruner,random",
+                        help="comma-separated registered methods (default vispruner,random; see `vispruner methods`)")
     parser.add_argument(
         "--tokens",
         default="100%,50%,25%,11%,5%",
         help="comma-separated budgets per image: counts (64) or shares of the model's visual tokens (11%%)",
     )
-    parser.add_argument("--important-ratio", type=float, default=None, help="VisPruner's important share")
+    add_method_options(parser)
     parser.add_argument("--seed", type=int, default=0, help="picks the held-out questions and seeds random methods")
-    parser.add_argument("--n", type=int, default=1000, help="held-out questions")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--n", type=integer_at_least(1), default=1000, help="held-out questions (default 1000)")
+    parser.add_argument("--batch-size", type=integer_at_least(1), default=64, help="questions per batch (default 64)")
     parser.add_argument(
-        "--max-new-tokens", type=int, default=1, help="tokens generated per answer; its first word is scored (1 for the testbed)"
+        "--max-new-tokens", type=integer_at_least(1), default=1,
+        help="tokens generated per answer; its first word is scored (1 for the testbed)",
     )
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     parser.add_argument("--plot", default=None, metavar="PATH.png", help="plot accuracy against budget (needs matplotlib)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from vispruner.eval.budgets import parse_budgets, visual_tokens
+    options = method_options(args, args.methods)
+    check_output(args.json, "--json")
+    check_plot(args.plot)
+    total = visual_tokens_of(args.model)
+    chosen = budgets(args.tokens, total)
+
     from vispruner.eval.runner import evaluate, plot
-    from vispruner.methods import available_methods
     from vispruner.testbed.model import load_model
     from vispruner.testbed.scenes import held_out
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in available_methods()]
-    if not methods or unknown:
-        raise ValueError(f"methods must be among {', '.join(available_methods())}; got {args.methods!r}")
-    for name in ("n", "batch_size", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"{name} must be >= 1; got {getattr(args, name)}")
+    for note in options.notes:
+        print(f"note: {note}")
     model, processor = load_model(args.model)
-    total = visual_tokens(model)
-    budgets = parse_budgets(args.tokens, total)
-    options = {} if args.important_ratio is None else {"important_ratio": args.important_ratio}
     samples = held_out(args.n, seed=args.seed)
     full, rows = evaluate(
-        model, processor, samples, methods, budgets, args.seed, args.batch_size, max_new_tokens=args.max_new_tokens, **options
+        model, processor, samples, args.methods, chosen, args.seed, args.batch_size,
+        progress=not args.no_progress, max_new_tokens=args.max_new_tokens, options=options.per_method,
     )
 
     print(f"{args.model}: {args.n} held-out questions (seed {args.seed}), all {total} tokens: {100 * full:.1f}%")
@@ -61,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "visual_tokens": total,
             "full_accuracy": full,
+            "options": options.per_method,
+            "notes": options.notes,
             "rows": [row.as_dict() for row in rows],
         }
         with open(args.json, "w", encoding="utf-8") as handle:

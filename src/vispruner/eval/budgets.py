@@ -45,8 +45,12 @@ def parse_budgets(spec: str, total: int) -> list[Budget]:
 
 
 def visual_tokens(model: Any) -> int:
-    """Visual tokens per image that a LLaVA-style model's language model receives unpruned."""
-    vision = model.config.vision_config
+    """Visual tokens per image that a LLaVA-style model's language model receives unpruned.
+
+    ``model`` is the model or its config (so that a command can check budgets before loading it).
+    """
+    config = getattr(model, "config", model)
+    vision = config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
-    full = getattr(model.config, "vision_feature_select_strategy", "default") == "full"
+    full = getattr(config, "vision_feature_select_strategy", "default") == "full"
     return patches + int(full)

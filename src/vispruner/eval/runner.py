@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from vispruner.testbed.scenes import Sample
 
@@ -53,28 +53,41 @@ def evaluate(
     batch_size: int = 64,
     progress: bool = True,
     max_new_tokens: int = 1,
-    **options: Any,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> tuple[float, list[Row]]:
     """Full-token accuracy and one :class:`Row` per (method, budget), in that order.
 
-    ``torch`` is reseeded with ``seed`` before every run, so random baselines repeat exactly.
+    ``options[method]`` are that method's options (none when absent). A budget that keeps every
+    visual token (100%) is the unpruned model for every method (each reproduces the unpatched
+    model then), so its rows take the full-token accuracy from the one unpruned run. ``torch``
+    is reseeded with ``seed`` before every run, so random baselines repeat exactly.
     """
     import torch
     from tqdm.auto import tqdm
 
     import vispruner
 
-    runs = 1 + len(methods) * len(budgets)
-    with tqdm(total=runs * len(samples), desc="eval", unit="q", disable=not progress) as bar:
+    options = options or {}
+    pruning = [budget for budget in budgets if budget.fraction < 1]
+    runs = 1 + len(methods) * len(pruning)
+    # One tick per question answered: ``runs`` passes over the same questions.
+    description = f"eval, {runs} run{'s' if runs > 1 else ''} x {len(samples)} questions"
+    with tqdm(total=runs * len(samples), desc=description, unit="answer", disable=not progress) as bar:
+        bar.set_postfix_str("all tokens")
         torch.manual_seed(seed)
         full = accuracy(model, processor, samples, batch_size, bar.update, max_new_tokens)
         rows = []
         for method in methods:
             for budget in budgets:
-                bar.set_postfix_str(f"{method} {budget.given}")
-                torch.manual_seed(seed)
-                with vispruner.pruned(model, num_tokens=budget.num_tokens, method=method, **options):
-                    score = accuracy(model, processor, samples, batch_size, bar.update, max_new_tokens)
+                if budget in pruning:
+                    bar.set_postfix_str(f"{method} {budget.given}")
+                    torch.manual_seed(seed)
+                    with vispruner.pruned(
+                        model, num_tokens=budget.num_tokens, method=method, **options.get(method, {})
+                    ):
+                        score = accuracy(model, processor, samples, batch_size, bar.update, max_new_tokens)
+                else:
+                    score = full
                 retained = score / full if full else None
                 rows.append(Row(method, budget.given, budget.num_tokens, budget.fraction, score, retained))
     return full, rows

@@ -17,12 +17,18 @@ def check_finite(tensor: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be finite; it contains NaN or infinite values")
 
 
+def check_integer(value: object, name: str, low: int = 1, high: int | None = None) -> int:
+    """``value`` as an int if it is an integer in [low, high] (no upper bound when ``high`` is None)."""
+    allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer {allowed}; got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be an integer {allowed}; got {value}")
+    return int(value)
+
+
 def check_num_tokens(num_tokens: object, name: str = "num_tokens") -> int:
-    if isinstance(num_tokens, bool) or not isinstance(num_tokens, numbers.Integral):
-        raise ValueError(f"{name} must be an integer >= 1; got {num_tokens!r}")
-    if num_tokens < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {num_tokens}")
-    return int(num_tokens)
+    return check_integer(num_tokens, name)
 
 
 def check_ratio(value: object, name: str) -> float:

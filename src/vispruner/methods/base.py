@@ -7,7 +7,8 @@ in :mod:`vispruner.adapters`; a method never sees a model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 if TYPE_CHECKING:
     import torch
@@ -55,14 +56,23 @@ class Selection:
 
 Stage = Literal["vision", "llm"]
 
+#: ``check(value, name)`` returns the option's value (normalised) or raises ``ValueError`` that
+#: names the option and its allowed range, e.g. :func:`vispruner.methods._checks.check_ratio`.
+OptionCheck = Callable[[Any, str], Any]
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, eq=False)
 class Method:
     """A registered method.
 
     ``select(signals, num_tokens, **options) -> Selection`` for vision-stage methods, which prune
     before the language model. LLM-stage methods (FastV) prune inside the language model; their
     adapters call ``select`` with the language-model signals they document.
+
+    ``options`` maps each option's name to the check of its allowed range, so that
+    :func:`check_options` (which ``apply`` and the command line call) rejects a bad value before
+    anything runs. A range that depends on the model (FastV's ``layer``) is checked again when
+    the method is installed on it.
     """
 
     name: str
@@ -71,7 +81,10 @@ class Method:
     summary: str
     stage: Stage = "vision"
     needs: frozenset[str] = field(default_factory=frozenset)
-    options: tuple[str, ...] = ()
+    options: Mapping[str, OptionCheck] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -89,7 +102,11 @@ def registry() -> dict[str, Method]:
     return _REGISTRY
 
 
-def check_options(method: Method, options: dict[str, Any]) -> None:
+def check_options(method: Method, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with each value checked against ``method``'s declared range (and normalised).
+
+    Raises ``ValueError`` naming an option the method does not take, or a value out of range.
+    """
     unknown = sorted(set(options) - set(method.options))
     if unknown:
         allowed = ", ".join(method.options) or "none"
@@ -97,3 +114,4 @@ def check_options(method: Method, options: dict[str, Any]) -> None:
             f"method {method.name!r} got unknown option(s) {', '.join(unknown)}; "
             f"allowed options: {allowed}"
         )
+    return {name: method.options[name](value, name) for name, value in options.items()}

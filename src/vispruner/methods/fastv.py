@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_finite, check_num_tokens
+from ._checks import check_finite, check_integer, check_num_tokens
 from .base import Method, Selection, register
 
 #: The decoder layer before which FastV prunes (the paper's K = 2): layers 0 .. K-1 see every token.
@@ -80,6 +80,10 @@ def _describe(value: object) -> str:
 
 def check_layer(layer: object, num_layers: int) -> int:
     """The FastV ``layer`` option: an integer in [1, num_layers - 1]."""
+    if num_layers < 2:
+        raise ValueError(
+            f"fastv needs a language model of at least 2 decoder layers (it prunes between two); this one has {num_layers}"
+        )
     if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not 1 <= layer <= num_layers - 1:
         raise ValueError(
             f"layer must be an integer in [1, {num_layers - 1}] (the language model has {num_layers} decoder layers); "
@@ -99,6 +103,6 @@ METHOD = register(
         paper="https://arxiv.org/abs/2403.06764",
         summary="prunes image tokens inside the LLM after layer K by the last prompt token's attention",
         stage="llm",
-        options=("layer",),
+        options={"layer": check_integer},  # the upper bound depends on the model: check_layer
     )
 )

@@ -36,13 +36,17 @@ def random_selection(features: torch.Tensor, num_tokens: int, seed: int = 0) -> 
     features = check_features(features)
     batch, tokens, _ = features.shape
     num_keep = min(check_num_tokens(num_tokens), tokens)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be an integer in [0, 2**63 - 1]; got {seed!r}")
-    generator = torch.Generator().manual_seed(int(seed))
+    generator = torch.Generator().manual_seed(check_seed(seed))
     chosen = torch.randperm(tokens, generator=generator)[:num_keep].to(features.device)
     keep = torch.zeros(batch, tokens, dtype=torch.bool, device=features.device)
     keep[:, chosen] = True
     return Selection(keep=keep)
+
+
+def check_seed(seed: object, name: str = "seed") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{name} must be an integer in [0, 2**63 - 1]; got {seed!r}")
+    return int(seed)
 
 
 def _from_signals(signals: VisionSignals, num_tokens: int, seed: int = 0) -> Selection:
@@ -55,6 +59,6 @@ METHOD = register(
         select=_from_signals,
         paper="https://arxiv.org/abs/2502.11501",
         summary="seeded uniform random patches (baseline)",
-        options=("seed",),
+        options={"seed": check_seed},
     )
 )

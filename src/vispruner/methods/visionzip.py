@@ -116,6 +116,6 @@ METHOD = register(
         paper="https://arxiv.org/abs/2412.04467",
         summary="[CLS]-attention dominant tokens plus contextual tokens merged by key similarity",
         needs=frozenset({"attention", "keys"}),
-        options=("contextual_ratio",),
+        options={"contextual_ratio": check_ratio},
     )
 )

@@ -182,6 +182,6 @@ METHOD = register(
         paper="https://arxiv.org/abs/2412.01818",
         summary="[CLS]-attention important tokens plus diverse tokens by duplicate removal",
         needs=frozenset({"attention"}),
-        options=("important_ratio",),
+        options={"important_ratio": check_ratio},
     )
 )

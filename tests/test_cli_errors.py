@@ -1,0 +1,132 @@
+"""Command-line mistakes: one line ``vispruner <command>: ...`` on stderr, exit status 2, no work."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import vispruner
+import vispruner.bench
+import vispruner.eval.runner
+import vispruner.testbed.model
+from vispruner.cli import main
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Loading or building a model, or evaluating, fails the test: a mistake must stop before."""
+
+    def work(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(vispruner.testbed.model, "load_model", work)
+    monkeypatch.setattr(vispruner.bench, "build_preset", work)
+    monkeypatch.setattr(vispruner.bench, "load_model", work)
+    monkeypatch.setattr(vispruner.eval.runner, "evaluate", work)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def usage_error(argv, capsys) -> str:
+    """Run ``vispruner argv``; assert exit status 2 and one line on stderr; return that line."""
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    return lines[0]
+
+
+@pytest.fixture
+def picture(tmp_path):
+    path = tmp_path / "scene.png"
+    Image.new("RGB", (112, 112)).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["nope"], "vispruner: argument COMMAND: invalid choice: 'nope'"),
+        (["eval", "--methods", "foo"], "vispruner eval: argument --methods: method must be one of "),
+        (["eval", "--methods", " , "], "vispruner eval: argument --methods: expected one or more"),
+        (["eval", "--tokens", "0%"], r"vispruner eval: --tokens must be a count in [1, 64] or a share in (0%, 100%]"),
+        (["eval", "--tokens", "65"], "vispruner eval: --tokens must be a count in [1, 64]"),
+        (["eval", "--n", "0"], "vispruner eval: argument --n: expected an integer >= 1; got '0'"),
+        (["eval", "--batch-size", "x"], "vispruner eval: argument --batch-size: expected an integer >= 1"),
+        (["eval", "--important-ratio", "1.5"], "vispruner eval: --important-ratio: important_ratio must be a number in [0, 1]"),
+        (
+            ["eval", "--methods", "random,fastervlm", "--important-ratio", "0.3"],
+            "vispruner eval: --important-ratio is an option of vispruner; none of the methods asked for",
+        ),
+        (["eval", "--contextual-ratio", "2"], "vispruner eval: --contextual-ratio is an option of visionzip"),
+        (["eval", "--json", "/no/such/folder/eval.json"], "vispruner eval: --json: folder '/no/such/folder' does not exist"),
+        (["eval", "--model", "/no/such/model"], "vispruner eval: --model '/no/such/model': cannot read its config"),
+        (["demo", "--tokens", "100"], "vispruner demo: --tokens must be a count in [1, 64]"),
+        (["demo", "--tokens", "8,16"], "vispruner demo: --tokens takes one budget"),
+        (["demo", "--image", "missing.png", "--question", "what?"], "vispruner demo: --image: no such file 'missing.png'"),
+        (["demo", "--method", "random", "--important-ratio", "0.3"], "vispruner demo: --important-ratio is an option of"),
+        (["demo", "--method", "vispruner,random"], "vispruner demo: argument --method: expected one method name"),
+        (["demo", "--out", "kept.txt"], "vispruner demo: --out: 'kept.txt' needs an image extension"),
+        (["bench"], "vispruner bench: one of the arguments --model --preset is required"),
+        (["bench", "--preset", "no-such"], "vispruner bench: --preset must be one of"),
+        (["bench", "--preset", "tiny-llava", "--methods", "nope"], "vispruner bench: argument --methods: method must be"),
+        (["bench", "--preset", "tiny-llava", "--threads", "0"], "vispruner bench: argument --threads: expected an integer >= 1"),
+        (["bench", "--preset", "tiny-llava", "--new-tokens", "1"], "vispruner bench: new_tokens must be an integer >= 2"),
+        (
+            ["bench", "--preset", "tiny-llava", "--methods", "pooling", "--contextual-ratio", "0.2"],
+            "vispruner bench: --contextual-ratio is an option of visionzip",
+        ),
+    ],
+)
+def test_mistakes_print_one_line_and_exit_2_before_any_work(argv, expected, capsys, no_work):
+    assert usage_error(argv, capsys).startswith(expected)
+
+
+def test_an_image_needs_a_question(picture, capsys, no_work):
+    line = usage_error(["demo", "--image", str(picture)], capsys)
+    assert line.startswith("vispruner demo: --question must be given with --image")
+
+
+def test_a_file_that_is_no_image(tmp_path, capsys, no_work):
+    text = tmp_path / "notes.png"
+    text.write_text("not a picture")
+    line = usage_error(["demo", "--image", str(text), "--question", "what?"], capsys)
+    assert line.startswith(f"vispruner demo: --image: cannot read '{text}' as an image")
+
+
+@pytest.mark.parametrize("command", ["eval", "bench"])
+def test_plot_checks_for_matplotlib_first(command, monkeypatch, tmp_path, capsys, no_work):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    argv = [command, "--plot", str(tmp_path / "plot.png")] + (["--preset", "tiny-llava"] if command == "bench" else [])
+    assert usage_error(argv, capsys) == f"vispruner {command}: --plot needs matplotlib: pip install 'vispruner[plot]'"
+
+
+def test_an_option_some_methods_take_goes_to_those_and_the_output_says_so(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    calls = []
+    original = vispruner.eval.runner.evaluate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["options"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(vispruner.eval.runner, "evaluate", spy)
+    argv = ["eval", "--methods", "vispruner,random", "--important-ratio", "0.25", "--tokens", "8", "--n", "2",
+            "--no-progress"]
+    assert main(argv) == 0
+    assert calls == [{"vispruner": {"important_ratio": 0.25}, "random": {}}]
+    assert "note: --important-ratio 0.25 applies to vispruner only (random does not take it)" in capsys.readouterr().out
+
+
+def test_python_dash_m_vispruner():
+    # The package under test, not whichever copy is installed.
+    env = {**os.environ, "PYTHONPATH": str(Path(vispruner.__file__).parents[1])}
+    ok = subprocess.run([sys.executable, "-m", "vispruner", "--version"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0 and ok.stdout.startswith("vispruner ")
+    bad = subprocess.run([sys.executable, "-m", "vispruner", "nope"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("vispruner: argument COMMAND: invalid choice: 'nope'") and bad.stderr.count("\n") == 1
