@@ -30,7 +30,9 @@ def apply(
     """Prune the visual tokens of ``model`` (this instance only) and return it.
 
     Args:
-        model: a ``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration``.
+        model: a ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
+            ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``
+            (docs/models.md lists what each supports).
         num_tokens: visual tokens kept per crop (``budget="per_crop"``) or per image
             (``"per_image"``); LLaVA-1.5 has one crop per image. At least the number of patches
             (576 at 336 px) reproduces the unpatched model exactly. Default 64 unless

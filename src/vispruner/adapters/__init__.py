@@ -17,8 +17,13 @@ if TYPE_CHECKING:
 FAMILIES = {
     "llava": "vispruner.adapters.llava",
     "llava_next": "vispruner.adapters.llava_next",
+    "qwen2_vl": "vispruner.adapters.qwen2_vl",
+    "qwen2_5_vl": "vispruner.adapters.qwen2_5_vl",
 }
-SUPPORTED = "LLaVA-1.5 (LlavaForConditionalGeneration), LLaVA-NeXT (LlavaNextForConditionalGeneration)"
+SUPPORTED = (
+    "LLaVA-1.5 (LlavaForConditionalGeneration), LLaVA-NeXT (LlavaNextForConditionalGeneration), "
+    "Qwen2-VL (Qwen2VLForConditionalGeneration), Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)"
+)
 
 
 def family_for(model: object) -> "Family":

@@ -65,6 +65,8 @@ class LanguageStagePruner:
         self.layer = check_layer(options.pop("layer", DEFAULT_LAYER), len(self.layers))
         self.settings = Settings(settings.method, settings.num_tokens, options, settings.budget, settings.keep_ratio)
         _check_language_model(self.language_model, self.layer)
+        if len(family.modalities) != 1:
+            raise TypeError(f"fastv does not support {family.name} yet; choose a vision-stage method")
         self.vision = family.vision(model)
         (self.modality,) = family.modalities
         #: Per image at the last pruned prefill: crop keep masks over the patch grids.

@@ -1,0 +1,195 @@
+"""A step-by-step reference for pruned Qwen-VL models, sharing no code with the adapters.
+
+The tower runs once (as in the model); hooks note the last block's input and arguments and the
+merger's input. The signal is recomputed eagerly: the whole softmax matrix of each attention
+segment, from the block's own norm, qkv projection and rotary embedding (rotate-half written
+out here). Each image (or temporal group) is selected by the registered method; the language
+model then gets, one row at a time without padding and without a cache, the text embeddings and
+the kept merged tokens, with the 3D positions of the UNPRUNED prompt (the model's get_rope_index)
+gathered at the kept columns; generated tokens continue from the unpruned prompt's next position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.vision_utils import get_vision_window_index
+
+from vispruner.methods import VisionSignals, get_method
+
+from ..tiny_qwen import IMAGE_ID, VIDEO_ID
+
+
+@dataclass
+class ReferenceItem:
+    keep: torch.Tensor  # (pieces, N) bool
+    important: torch.Tensor | None
+    tokens: torch.Tensor  # (P, D) merged tokens of the unpruned item, placeholder order
+    kept_tokens: torch.Tensor  # what the item contributes to the pruned prompt
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
+
+
+def tower_signals(model, pixels, grid_thw):
+    """Per merged token in placeholder order: eager attention received (mean over its 4 patches),
+    merger-input features (4 patch rows), keys (mean over the 4 patches), merged tokens."""
+    visual = model.model.visual
+    seen = {}
+    block = visual.blocks[-1]
+    hooks = [
+        block.register_forward_pre_hook(lambda m, a, k: seen.update(block=(a, k)), with_kwargs=True),
+        visual.merger.register_forward_pre_hook(lambda m, a: seen.update(merger=a[0])),
+    ]
+    try:
+        with torch.no_grad():
+            merged = visual(pixels, grid_thw=grid_thw).pooler_output
+    finally:
+        for hook in hooks:
+            hook.remove()
+    args, kwargs = seen["block"]
+    hidden = args[0]
+    attention = block.attn
+    with torch.no_grad():
+        qkv = attention.qkv(block.norm1(hidden)).reshape(hidden.shape[0], 3, attention.num_heads, -1)
+        cos, sin = kwargs["position_embeddings"]
+        query, key = _rotate(qkv[:, 0].double(), cos.double(), sin.double()), _rotate(qkv[:, 1].double(), cos.double(), sin.double())
+    bounds = kwargs["cu_seqlens"].tolist()
+    received = torch.zeros(hidden.shape[0], dtype=torch.float64)
+    for start, end in zip(bounds, bounds[1:]):
+        q, k = query[start:end].transpose(0, 1), key[start:end].transpose(0, 1)
+        matrix = torch.softmax(q @ k.transpose(1, 2) * attention.scaling, dim=-1)  # (H, n, n)
+        received[start:end] = matrix.mean(dim=(0, 1))
+    unit = visual.spatial_merge_size**2
+    order = torch.arange(hidden.shape[0] // unit)
+    if hasattr(visual, "fullatt_block_indexes"):
+        window_index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size)
+        order = torch.argsort(window_index)
+    scores = received.view(-1, unit).mean(dim=1)[order].float()
+    features = seen["merger"].reshape(-1, unit * hidden.shape[-1])[order]
+    keys = key.float().view(-1, unit, *key.shape[1:]).mean(dim=1)[order]
+    return scores, features, keys, merged
+
+
+def reference_items(model, pixels, grid_thw, num_tokens=8, method="vispruner", per_video=False, **options):
+    """Per image or video: its keep mask and tokens, each item (temporal group) selected on its own."""
+    chosen = get_method(method)
+    scores, features, keys, merged = tower_signals(model, pixels, grid_thw)
+    merge = model.model.visual.spatial_merge_size
+    items, start = [], 0
+    for t, h, w in grid_thw.tolist():
+        rows, cols = h // merge, w // merge
+        size = rows * cols
+        pieces = [(start, t * size, (t * rows, cols))] if per_video else [
+            (start + i * size, size, (rows, cols)) for i in range(t)
+        ]
+        budgets = [num_tokens] if per_video or t == 1 else [max(1, num_tokens // t + (i < num_tokens % t)) for i in range(t)]
+        keep, important, replaced = [], [], []
+        for (first, count, grid), budget in zip(pieces, budgets):
+            part = slice(first, first + count)
+            projected = None
+            if "projected" in chosen.needs:
+                with torch.no_grad():
+                    projected = model.model.visual.merger(features[part].reshape(-1, features.shape[1] // merge**2))
+            signals = VisionSignals(features[part][None], scores[part][None], keys[part][None], grid,
+                                    None if projected is None else projected[None])
+            selection = chosen.select(signals, budget, **options)
+            keep.append(selection.keep[0])
+            important.append(None if selection.important is None else selection.important[0])
+            replaced.append(features[part] if selection.features is None else selection.features[0])
+        keep = torch.cat(keep)
+        with torch.no_grad():
+            new_features = torch.cat(replaced)
+            tokens = model.model.visual.merger(new_features.reshape(-1, features.shape[1] // merge**2))
+        items.append(ReferenceItem(
+            keep.view(t, size), None if important[0] is None else torch.cat(important).view(t, size),
+            merged[start : start + t * size], tokens[keep],
+        ))
+        start += t * size
+    return items
+
+
+def reference_rows(model, inputs, images, videos):
+    """Per row: (embeddings, (3, L') positions, the next position, ids of each kept token (-1 visual))."""
+    ids_all, mask_all = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        positions, _ = model.model.get_rope_index(
+            ids_all, inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=inputs.get("video_grid_thw"), attention_mask=mask_all,
+        )
+    embed = model.get_input_embeddings()
+    queues = {IMAGE_ID: iter(images), VIDEO_ID: iter(videos)}
+    rows = []
+    for row, (ids, mask) in enumerate(zip(ids_all, mask_all)):
+        real = mask.bool()
+        ids, full_positions = ids[real], positions[:, row, real]
+        parts, columns, sources, column = [], [], [], 0
+        while column < len(ids):
+            token = int(ids[column])
+            if token in queues:
+                item = next(queues[token])
+                flags = item.keep.flatten()
+                parts.append(item.kept_tokens)
+                columns += [column + i for i in range(len(flags)) if flags[i]]
+                sources += [-1] * int(flags.sum())
+                column += len(flags)
+            else:
+                with torch.no_grad():
+                    parts.append(embed(ids[column : column + 1]))
+                columns.append(column)
+                sources.append(token)
+                column += 1
+        # generate() continues from the last column + 1. (Stock Qwen2.5-VL's rope_deltas, used without
+        # position_ids, continue from the largest position + 1: the two differ after a video whose
+        # temporal positions run past the text; the reference follows generate().)
+        rows.append((torch.cat(parts), full_positions[:, columns], int(full_positions[:, -1].max()) + 1, torch.tensor(sources)))
+    return rows
+
+
+def lm_logits(model, embeds, positions):
+    with torch.no_grad():
+        hidden = model.model.language_model(
+            inputs_embeds=embeds[None], position_ids=positions[:, None], use_cache=False
+        ).last_hidden_state
+        return model.lm_head(hidden)[0]
+
+
+def _extended(model, row, tokens):
+    embeds, positions, start, _ = row
+    if not tokens:
+        return embeds, positions
+    with torch.no_grad():
+        extra = model.get_input_embeddings()(torch.tensor(tokens))
+    steps = torch.arange(start, start + len(tokens)).expand(3, -1)
+    return torch.cat([embeds, extra]), torch.cat([positions, steps], dim=1)
+
+
+def greedy(model, row, steps):
+    tokens = []
+    for _ in range(steps):
+        tokens.append(int(lm_logits(model, *_extended(model, row, tokens))[-1].argmax()))
+    return tokens
+
+
+def continuation_logits(model, row, tokens):
+    embeds, positions = _extended(model, row, tokens)
+    return lm_logits(model, embeds, positions)[len(row[0]) - 1 : len(row[0]) - 1 + len(tokens)]
+
+
+def reference_loss(model, rows, inputs, labels):
+    total, count = 0.0, 0
+    for (embeds, positions, _, sources), ids, row_labels, mask in zip(
+        rows, inputs["input_ids"], labels, inputs["attention_mask"]
+    ):
+        ids, row_labels = ids[mask.bool()], row_labels[mask.bool()]
+        text = iter(row_labels[(ids != IMAGE_ID) & (ids != VIDEO_ID)].tolist())
+        targets = torch.tensor([next(text) if s >= 0 else -100 for s in sources.tolist()])[1:]
+        logits = lm_logits(model, embeds, positions)[:-1]
+        total = total + F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+        count += int((targets != -100).sum())
+    return total / count

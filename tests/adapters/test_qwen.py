@@ -1,0 +1,180 @@
+"""Pruned Qwen2-VL / Qwen2.5-VL against the step-by-step reference (see reference_qwen.py).
+
+Batches are left padded, with prompts of different lengths, several images of different sizes
+in one row, and videos of several temporal groups.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vispruner
+from vispruner.adapters.qwen_vision import IMAGE, QwenVision
+from vispruner.methods import available_methods, get_method
+
+from ..tiny_qwen import BUILDERS, IMAGE_ID, tiny_qwen_inputs
+from .reference_qwen import continuation_logits, greedy, reference_items, reference_loss, reference_rows, tower_signals
+
+FAMILIES = tuple(BUILDERS)
+NUM_TOKENS = 3
+STEPS = 4
+IMAGES = [["w1", "w2", ("image", 4, 6), "w3"], [("image", 8, 8), "w4", ("image", 4, 4), "w5", "w6"]]
+MIXED = [["w1", ("video", 3, 4, 4), "w2"], ["w3", ("image", 6, 4), "w4", ("video", 2, 4, 6), "w5", "w6", "w7"]]
+VISION_METHODS = [name for name in available_methods() if get_method(name).stage == "vision"]
+
+
+def prepared(family, prompts=IMAGES, method="vispruner", attn_implementation="sdpa", per_video=False, **options):
+    model = BUILDERS[family](attn_implementation=attn_implementation)
+    inputs = tiny_qwen_inputs(prompts)
+    images = videos = []
+    if "pixel_values" in inputs:
+        images = reference_items(model, inputs["pixel_values"], inputs["image_grid_thw"], NUM_TOKENS, method, **options)
+    if "pixel_values_videos" in inputs:
+        videos = reference_items(
+            model, inputs["pixel_values_videos"], inputs["video_grid_thw"], NUM_TOKENS, method, per_video, **options
+        )
+    rows = reference_rows(model, inputs, images, videos)
+    budget = "per_image" if per_video else "per_crop"
+    vispruner.apply(model, NUM_TOKENS, method=method, budget=budget, **options)
+    return model, inputs, images + videos, rows
+
+
+def prompt_length(inputs):
+    return inputs["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_signal_equals_an_eager_recompute(family):
+    model = BUILDERS[family]()
+    inputs = tiny_qwen_inputs(IMAGES)
+    expected, features, keys, _ = tower_signals(model, inputs["pixel_values"], inputs["image_grid_thw"])
+    arguments = {"image_grid_thw": inputs["image_grid_thw"]}
+    with QwenVision(model).tap(IMAGE, arguments, frozenset({"attention", "keys"})) as tap:
+        seen = {}
+        handle = tap.module.register_forward_pre_hook(lambda module, args: seen.update(inputs=args))
+        with torch.no_grad():
+            model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+        handle.remove()
+    torch.testing.assert_close(tap.attention(), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(tap.keys(), keys, rtol=1e-5, atol=1e-6)
+    assert torch.equal(tap.features(seen["inputs"]), features)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("prompts", [IMAGES, MIXED], ids=["images", "images-and-video"])
+def test_keeping_every_token_is_bit_for_bit_the_stock_model(family, prompts):
+    model = BUILDERS[family]()
+    inputs = tiny_qwen_inputs(prompts)
+    with torch.no_grad():
+        stock_logits = model(**inputs).logits
+    stock = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+    vispruner.apply(model, num_tokens=64)  # at least every merged token of every image and group
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert torch.equal(logits, stock_logits)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=STEPS, do_sample=False), stock)
+    assert all(selection.keep.all() for selection in vispruner.last_selection(model))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", VISION_METHODS)
+def test_language_model_receives_text_and_kept_tokens(family, method):
+    model, inputs, items, rows = prepared(family, method=method)
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen.setdefault("embeds", kwargs["inputs_embeds"])
+        seen.setdefault("mask", kwargs["attention_mask"])
+        seen.setdefault("positions", kwargs["position_ids"])
+
+    handle = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    finally:
+        handle.remove()
+    assert seen["embeds"].shape[1] < prompt_length(inputs)
+    for row, (embeds, positions, _, _) in enumerate(rows):
+        real = seen["mask"][row].bool()
+        torch.testing.assert_close(seen["embeds"][row][real], embeds, rtol=1e-4, atol=1e-5)
+        assert torch.equal(seen["positions"][1:, row][:, real], positions)
+    for selection, item in zip(vispruner.last_selection(model), items, strict=True):
+        assert torch.equal(selection.keep, item.keep)
+        if item.important is not None:
+            assert torch.equal(selection.important, item.important)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    ("attn_implementation", "options"),
+    [("sdpa", {}), ("eager", {}), ("sdpa", {"cache_implementation": "static"}), ("sdpa", {"use_cache": False})],
+    ids=["dynamic-cache", "eager", "static-cache", "no-cache"],
+)
+def test_greedy_tokens_match_reference(family, attn_implementation, options):
+    model, inputs, _, rows = prepared(family, attn_implementation=attn_implementation)
+    out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, **options)
+    assert out[:, prompt_length(inputs) :].tolist() == [greedy(model, row, STEPS) for row in rows]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("per_video", [False, True], ids=["per-group", "per-video"])
+def test_video_and_images_mixed(family, per_video):
+    model, inputs, items, rows = prepared(family, MIXED, per_video=per_video)
+    out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+    assert out[:, prompt_length(inputs) :].tolist() == [greedy(model, row, STEPS) for row in rows]
+    selections = vispruner.last_selection(model)
+    assert [s.modality for s in selections] == ["image", "video", "video"]
+    video = selections[1]
+    assert video.keep.shape == (3, 4) and video.grid == (2, 2)
+    # 3 tokens over 3 temporal groups: one each; over the whole video: 3 in all.
+    assert int(video.keep.sum()) == 3
+    if not per_video:
+        assert video.keep.sum(dim=1).tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sampling_and_beams_use_the_gathered_positions(family):
+    model, inputs, _, rows = prepared(family)
+    torch.manual_seed(0)
+    out = model.generate(
+        **inputs, max_new_tokens=STEPS, do_sample=True, num_return_sequences=2,
+        return_dict_in_generate=True, output_logits=True,
+    )
+    logits = torch.stack(out.logits, dim=1)
+    for index, sequence in enumerate(out.sequences[:, prompt_length(inputs) :]):
+        expected = continuation_logits(model, rows[index // 2], sequence.tolist())
+        torch.testing.assert_close(logits[index], expected, rtol=1e-4, atol=1e-5)
+    out = model.generate(
+        **inputs, max_new_tokens=STEPS, num_beams=3, num_return_sequences=2, length_penalty=0.0,
+        do_sample=False, return_dict_in_generate=True, output_scores=True,
+    )
+    for index, sequence in enumerate(out.sequences[:, prompt_length(inputs) :]):
+        log_probs = continuation_logits(model, rows[index // 2], sequence.tolist()).log_softmax(dim=-1)
+        expected = log_probs[torch.arange(STEPS), sequence].sum()
+        torch.testing.assert_close(out.sequences_scores[index], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_with_labels_and_a_hand_written_decode_loop(family):
+    model, inputs, _, rows = prepared(family)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    labels = ids.masked_fill((ids == IMAGE_ID) | (mask == 0) | (mask.cumsum(1) == 1), -100)
+    out = model(**inputs, labels=labels, use_cache=True)
+    torch.testing.assert_close(out.loss, reference_loss(model, rows, inputs, labels), rtol=1e-5, atol=1e-6)
+    next_tokens = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+    # The caller keeps the full-length mask and passes no positions, as for the unpruned model.
+    full_mask = torch.cat([mask, torch.ones_like(next_tokens)], dim=1)
+    step = model(input_ids=next_tokens, attention_mask=full_mask, past_key_values=out.past_key_values)
+    for row, reference in enumerate(rows):
+        expected = continuation_logits(model, reference, [int(next_tokens[row]), 0])
+        torch.testing.assert_close(out.logits[row, -1], expected[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(step.logits[row, -1], expected[1], rtol=1e-4, atol=1e-5)
+
+
+def test_keep_ratio_share_of_each_image():
+    model = BUILDERS["qwen2_5_vl"]()
+    inputs = tiny_qwen_inputs(IMAGES)
+    vispruner.apply(model, keep_ratio=0.3)
+    model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    # 0.3 x (6, 16, 4) tokens = 1.8, 4.8, 1.2 -> 2, 5, 1 (half up, at least 1).
+    assert [int(s.keep.sum()) for s in vispruner.last_selection(model)] == [2, 5, 1]

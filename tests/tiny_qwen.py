@@ -1,0 +1,113 @@
+"""Tiny random Qwen-VL models and hand-built inputs (no processor, nothing downloaded).
+
+A prompt is a list of words ``w<i>`` and visual markers: ``("image", h, w)`` or
+``("video", t, h, w)`` with h, w in patches (even: the merger fuses 2 x 2 patches) and t in
+temporal groups. Each marker becomes ``<vision_start>``, one placeholder per merged token,
+``<vision_end>``, as the processor lays it out; rows are left padded. Patches are 4 px, so
+``("image", 4, 6)`` is a 16 x 24 px image of 6 merged tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    BatchFeature,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+PAD_ID, IMAGE_ID, VIDEO_ID, START_ID, END_ID = 0, 5, 6, 7, 8
+VOCAB_SIZE = 64
+#: Word ``w<i>`` is token id WORD_OFFSET + i.
+WORD_OFFSET = 10
+PATCH, TEMPORAL, MERGE = 4, 2, 2
+
+
+def _text_config() -> dict:
+    return dict(
+        vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD_ID,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+        # Peaked logits, so that greedy choices are not near-ties that rounding could flip.
+        initializer_range=0.2,
+    )
+
+
+def _vision_config(**extra) -> dict:
+    return dict(
+        depth=2, num_heads=4, patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL,
+        in_channels=3, initializer_range=0.2, **extra,
+    )
+
+
+def _finish(model, attn_implementation: str):
+    model.set_attn_implementation(attn_implementation)
+    model.generation_config.pad_token_id = PAD_ID
+    model.generation_config.bos_token_id = None
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
+    return model.eval()
+
+
+def _ids() -> dict:
+    return dict(image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=START_ID,
+                vision_end_token_id=END_ID)
+
+
+def tiny_qwen2_5_vl(seed: int = 0, attn_implementation: str = "sdpa", text_layers: int = 2):
+    """Qwen2.5-VL-shaped: windowed first block (windows of 2 x 2 merged tokens), full-attention last block."""
+    text = _text_config() | {"num_hidden_layers": text_layers}
+    config = Qwen2_5_VLConfig(
+        vision_config=_vision_config(hidden_size=32, intermediate_size=64, window_size=16, fullatt_block_indexes=[1],
+                                     out_hidden_size=32),
+        text_config=text, **_ids(),
+    )
+    torch.manual_seed(seed)
+    return _finish(Qwen2_5_VLForConditionalGeneration(config), attn_implementation)
+
+
+def tiny_qwen2_vl(seed: int = 0, attn_implementation: str = "sdpa", text_layers: int = 2):
+    """Qwen2-VL-shaped: full attention in every block."""
+    text = _text_config() | {"num_hidden_layers": text_layers}
+    config = Qwen2VLConfig(
+        vision_config=_vision_config(embed_dim=32, mlp_ratio=2, hidden_size=32), text_config=text, **_ids(),
+    )
+    torch.manual_seed(seed)
+    return _finish(Qwen2VLForConditionalGeneration(config), attn_implementation)
+
+
+BUILDERS = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
+
+
+def tiny_qwen_inputs(prompts: list[list], seed: int = 0) -> BatchFeature:
+    """input_ids, attention_mask, mm_token_type_ids and pixels for ``prompts`` (see the module doc)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, grids = [], {"image": [], "video": []}
+    for prompt in prompts:
+        row = []
+        for part in prompt:
+            if isinstance(part, str):
+                row.append(WORD_OFFSET + int(part[1:]))
+                continue
+            kind, *shape = part
+            t, h, w = (1, *shape) if kind == "image" else shape
+            grids[kind].append((t, h, w))
+            token = IMAGE_ID if kind == "image" else VIDEO_ID
+            row += [START_ID] + [token] * (t * h * w // MERGE**2) + [END_ID]
+        rows.append(row)
+    length = max(map(len, rows))
+    input_ids = torch.tensor([[PAD_ID] * (length - len(row)) + row for row in rows])
+    features = {
+        "input_ids": input_ids,
+        "attention_mask": (torch.arange(length) >= torch.tensor([length - len(r) for r in rows]).unsqueeze(1)).long(),
+        "mm_token_type_ids": (input_ids == IMAGE_ID).int() + 2 * (input_ids == VIDEO_ID).int(),
+    }
+    width = 3 * TEMPORAL * PATCH * PATCH
+    for kind, pixels, grid_name in (("image", "pixel_values", "image_grid_thw"),
+                                    ("video", "pixel_values_videos", "video_grid_thw")):
+        if grids[kind]:
+            grid = torch.tensor(grids[kind])
+            features[pixels] = torch.randn(int(grid.prod(-1).sum()), width, generator=generator)
+            features[grid_name] = grid
+    return BatchFeature(features)
