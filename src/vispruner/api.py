@@ -25,6 +25,7 @@ def apply(
     *,
     budget: str = "per_crop",
     keep_ratio: float | None = None,
+    positions: str | None = None,
     **options: Any,
 ) -> Model:
     """Prune the visual tokens of ``model`` (this instance only) and return it.
@@ -50,6 +51,11 @@ def apply(
             evenly, the first groups one more when it does not divide, at least one each),
             ``"per_image"`` spends it over the whole video. Both mean the same for one-piece
             images (LLaVA-1.5, Qwen-VL).
+        positions: how the language model numbers the tokens that remain. ``"compacted"``
+            (the default of vision-stage methods, as in the papers): renumbered 0, 1, 2, ... as
+            if the short sequence had been the prompt. ``"original"`` (FastV's only setting, its
+            default): each kept token keeps the position it has in the unpruned prompt, and
+            decoding continues after the unpruned length.
         **options: the method's own options, each checked against its range in ``Method.options``.
 
     Vision-stage methods prune before the language model. ``method="fastv"`` prunes inside it:
@@ -61,6 +67,7 @@ def apply(
     an unsupported model and ``ValueError`` for a bad argument.
     """
     from .adapters import family_for
+    from .adapters.sequence import check_positions
     from .adapters.vision_stage import BUDGETS, Settings, VisionStagePruner
     from .methods import check_options, get_method
     from .methods._checks import check_num_tokens, check_ratio
@@ -87,7 +94,9 @@ def apply(
         )
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {', '.join(map(repr, BUDGETS))}; got {budget!r}")
-    settings = Settings(chosen, num_tokens, options, budget, keep_ratio)
+    if positions is None:
+        positions = "original" if chosen.stage == "llm" else "compacted"
+    settings = Settings(chosen, num_tokens, options, budget, keep_ratio, check_positions(positions))
     if chosen.stage == "llm":
         from .adapters.llm_stage import LanguageStagePruner
 

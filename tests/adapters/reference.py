@@ -25,6 +25,7 @@ class ReferenceImage:
     keep: torch.Tensor  # (crops, N) bool
     important: torch.Tensor | None
     tokens: torch.Tensor  # (kept tokens, D): what the image contributes to the prompt, in order
+    offsets: torch.Tensor  # (kept tokens,) long: each one's place among the image's unpruned tokens
 
 
 def _crops(model, pixel_values: torch.Tensor, image_sizes) -> list[torch.Tensor]:
@@ -145,12 +146,13 @@ def reference_images(
         if isinstance(model, LlavaNextForConditionalGeneration):
             order = _layout(model, len(crop_keep), image_sizes[index].tolist())
             newline = model.model.image_newline
-            tokens = torch.stack(
-                [newline if item is None else crop_features[item] for item in order if item is None or crop_keep[item]]
-            )
+            places = [place for place, item in enumerate(order) if item is None or crop_keep[item]]
+            tokens = torch.stack([newline if order[p] is None else crop_features[order[p]] for p in places])
+            offsets = torch.tensor(places)
         else:
             tokens = crop_features[0][crop_keep[0]]
-        images.append(ReferenceImage(crop_keep, crop_important, tokens))
+            offsets = crop_keep[0].nonzero().flatten()
+        images.append(ReferenceImage(crop_keep, crop_important, tokens, offsets))
     return images
 
 
@@ -184,29 +186,72 @@ def reference_sequences(model, input_ids: torch.Tensor, attention_mask: torch.Te
     return rows
 
 
-def lm_logits(model, embeds: torch.Tensor) -> torch.Tensor:
-    """(L, V) logits of one unpadded sequence of embeddings, no cache, positions 0..L-1."""
+def reference_positions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: list[ReferenceImage]):
+    """Per row, (kept tokens,) long: the position each token of :func:`reference_sequences` has in
+    the unpruned, unpadded prompt (0, 1, 2, ... over text and every image token), and the length
+    of that prompt, after which decoding continues."""
+    image_id = model.config.image_token_id
+    queue = iter(images)
+    rows = []
+    for ids, mask in zip(input_ids, attention_mask):
+        ids = ids[mask.bool()]
+        positions, position = [], 0
+        while position < len(ids):
+            if ids[position] == image_id:
+                full = int((ids[position:] == image_id).long().cumprod(0).sum())
+                positions += (position + next(queue).offsets).tolist()
+                position += full
+            else:
+                positions.append(position)
+                position += 1
+        rows.append((torch.tensor(positions), len(ids)))
+    return rows
+
+
+def lm_logits(model, embeds: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """(L, V) logits of one unpadded sequence of embeddings, no cache, positions 0..L-1 or ``positions``.
+
+    The all-ones mask is passed on purpose: without one, transformers reads gapped positions as
+    packed sequences."""
+    length = len(embeds)
+    positions = torch.arange(length) if positions is None else positions
     with torch.no_grad():
-        hidden = model.model.language_model(inputs_embeds=embeds.unsqueeze(0), use_cache=False).last_hidden_state
+        hidden = model.model.language_model(
+            inputs_embeds=embeds.unsqueeze(0),
+            position_ids=positions.unsqueeze(0),
+            attention_mask=torch.ones(1, length, dtype=torch.long),
+            use_cache=False,
+        ).last_hidden_state
         return model.lm_head(hidden)[0]
 
 
-def greedy(model, embeds: torch.Tensor, steps: int) -> list[int]:
+def _continued(positions: torch.Tensor | None, after: int | None, count: int) -> torch.Tensor | None:
+    """Positions of the prompt followed by ``count`` generated tokens numbered from ``after``."""
+    if positions is None:
+        return None
+    return torch.cat([positions, torch.arange(after, after + count)])
+
+
+def greedy(model, embeds: torch.Tensor, steps: int, positions: torch.Tensor | None = None, after: int | None = None):
+    """Greedy tokens; with ``positions`` (the prompt's), the generated ones are numbered from ``after``."""
     tokens = []
     embed = model.get_input_embeddings()
+    prompt = embeds
     for _ in range(steps):
-        token = int(lm_logits(model, embeds)[-1].argmax())
+        token = int(lm_logits(model, prompt, _continued(positions, after, len(tokens)))[-1].argmax())
         tokens.append(token)
         with torch.no_grad():
-            embeds = torch.cat([embeds, embed(torch.tensor([token]))])
+            prompt = torch.cat([prompt, embed(torch.tensor([token]))])
     return tokens
 
 
-def continuation_logits(model, embeds: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+def continuation_logits(
+    model, embeds: torch.Tensor, tokens: list[int], positions: torch.Tensor | None = None, after: int | None = None
+) -> torch.Tensor:
     """(len(tokens), V): the logits that chose each of ``tokens`` after the prompt ``embeds``."""
     with torch.no_grad():
         extra = model.get_input_embeddings()(torch.tensor(tokens, dtype=torch.long))
-    logits = lm_logits(model, torch.cat([embeds, extra]))
+    logits = lm_logits(model, torch.cat([embeds, extra]), _continued(positions, after, len(tokens)))
     return logits[len(embeds) - 1 : len(embeds) - 1 + len(tokens)]
 
 

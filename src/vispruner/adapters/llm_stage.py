@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -63,7 +63,13 @@ class LanguageStagePruner:
         self.layers = self.language_model.layers
         options = dict(settings.options)
         self.layer = check_layer(options.pop("layer", DEFAULT_LAYER), len(self.layers))
-        self.settings = Settings(settings.method, settings.num_tokens, options, settings.budget, settings.keep_ratio)
+        if settings.positions != "original":
+            raise ValueError(
+                f"positions={settings.positions!r} is not supported by fastv: the tokens it keeps keep their "
+                "original positions (the layers before the cut cached them there); use positions='original' "
+                "or leave it unset"
+            )
+        self.settings = replace(settings, options=options)
         _check_language_model(self.language_model, self.layer)
         if len(family.modalities) != 1:
             raise TypeError(f"fastv does not support {family.name} yet; choose a vision-stage method")

@@ -16,7 +16,8 @@ transformers 5.x lets us in (see docs/models.md for the user's view):
   keep mask as an attribute, which those copies by reference keep.
 * ``model.forward`` is wrapped. At the prefill it turns the per-image masks into a token keep mask
   (all text, kept placeholders), compacts ids, embeddings, mask, positions, labels and the
-  family's other streams, and passes only the kept features on. The cache it returns carries a
+  family's other streams (padding dropped; positions renumbered, or the original ones with
+  ``positions="original"``), and passes only the kept features on. The cache it returns carries a
   :class:`CompactedPrefix`, with which every later step translates the caller's full-length mask
   and positions.
 * ``create_masks_for_generate`` returns the 2D mask unchanged at the prefill and at steps that
@@ -151,7 +152,8 @@ class Positions(Protocol):
 
 
 class CompactedPositions:
-    """1D positions, compacted: the language model sees the short prompt as if it were the prompt."""
+    """1D positions as :func:`compact` builds them: renumbered (the language model sees the short
+    prompt as if it were the prompt) or, with ``positions="original"``, the unpruned ones."""
 
     def prefill(self, model: nn.Module, arguments: dict[str, Any]) -> torch.Tensor | None:
         return None
@@ -240,6 +242,8 @@ class Settings:
     options: dict[str, Any] = field(default_factory=dict)
     budget: str = "per_crop"
     keep_ratio: float | None = None
+    #: How the kept tokens are numbered: see :data:`.sequence.POSITIONS`.
+    positions: str = "compacted"
 
     def tokens_for(self, size: int) -> int:
         """Tokens kept of a unit of ``size`` tokens under ``keep_ratio`` (or ``num_tokens``)."""
@@ -500,6 +504,7 @@ class VisionStagePruner:
             labels=arguments.get("labels"),
             others=others,
             pad_token_id=self._pad_token_id(),
+            positions=self.settings.positions,
         )
         position_ids = short.position_ids
         if positions is not None:
