@@ -58,6 +58,7 @@ def picture(tmp_path):
         (["eval", "--n", "0"], "vispruner eval: argument --n: expected an integer >= 1; got '0'"),
         (["eval", "--batch-size", "x"], "vispruner eval: argument --batch-size: expected an integer >= 1"),
         (["eval", "--important-ratio", "1.5"], "vispruner eval: --important-ratio: important_ratio must be a number in [0, 1]"),
+        (["eval", "--positions", "kept"], "vispruner eval: argument --positions: invalid choice: 'kept'"),
         (
             ["eval", "--methods", "random,fastervlm", "--important-ratio", "0.3"],
             "vispruner eval: --important-ratio is an option of vispruner; none of the methods asked for",

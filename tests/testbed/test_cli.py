@@ -68,3 +68,43 @@ def test_the_full_budget_runs_once_whatever_the_methods(monkeypatch):
     argv = ["eval", "--methods", "vispruner,random,fastv", "--tokens", "100%,64,8", "--n", "2", "--no-progress"]
     assert main(argv) == 0
     assert len(runs) == 1 + 3  # the unpruned run, then each method at 8 tokens
+
+
+def test_eval_reports_accuracy_per_question_type(tmp_path):
+    from collections import Counter
+
+    from vispruner.testbed.scenes import held_out
+
+    report = tmp_path / "eval.json"
+    argv = ["eval", "--methods", "random", "--tokens", "100%,8", "--n", "12", "--no-progress", "--json", str(report)]
+    assert main(argv) == 0
+    data = json.loads(report.read_text())
+    asked = Counter()
+    for sample in held_out(12, seed=0):
+        question = sample.question
+        side = question.answer in ("left", "right", "top", "bottom")
+        asked[("left/right" if question.answer in ("left", "right") else "top/bottom") if side else question.kind] += 1
+    assert data["full_by_type"].keys() == asked.keys()
+    for by_type, overall in [(data["full_by_type"], data["full_accuracy"])] + [(r["by_type"], r["accuracy"]) for r in data["rows"]]:
+        assert by_type.keys() == asked.keys()
+        assert sum(by_type[kind] * asked[kind] for kind in asked) == pytest.approx(12 * overall)
+
+
+def test_eval_positions_go_to_apply(monkeypatch, capsys):
+    import vispruner.api
+
+    calls = []
+    original = vispruner.api.apply
+
+    def spy(model, *args, **kwargs):
+        calls.append((kwargs["method"], kwargs.get("positions")))
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(vispruner.api, "apply", spy)
+    argv = ["eval", "--methods", "random,fastv", "--tokens", "8", "--n", "2", "--no-progress"]
+    assert main([*argv, "--positions", "original"]) == 0
+    assert calls == [("random", "original"), ("fastv", "original")]
+    calls.clear()
+    assert main([*argv, "--positions", "compacted"]) == 0
+    assert calls == [("random", "compacted"), ("fastv", None)]
+    assert "note: --positions compacted applies to the other methods; fastv keeps original positions" in capsys.readouterr().out

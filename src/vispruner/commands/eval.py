@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+from vispruner.adapters.sequence import POSITIONS
 
 from .arguments import (
     add_method_options,
@@ -26,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated budgets per image: counts (64) or shares of the model's visual tokens (11%%)",
     )
     add_method_options(parser)
+    parser.add_argument(
+        "--positions", choices=POSITIONS, default=None,
+        help="how the language model numbers the kept tokens: renumbered (compacted, the default of "
+        "vision-stage methods) or as in the unpruned prompt (original, fastv's only setting)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="picks the held-out questions and seeds random methods")
     parser.add_argument("--n", type=integer_at_least(1), default=1000, help="held-out questions (default 1000)")
     parser.add_argument("--batch-size", type=integer_at_least(1), default=64, help="questions per batch (default 64)")
@@ -42,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     options = method_options(args, args.methods)
+    if args.positions is not None:
+        options.notes.extend(_send_positions(args.positions, args.methods, options.per_method))
     check_output(args.json, "--json")
     check_plot(args.plot)
     total = visual_tokens_of(args.model)
@@ -60,18 +70,26 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress, max_new_tokens=args.max_new_tokens, options=options.per_method,
     )
 
-    print(f"{args.model}: {args.n} held-out questions (seed {args.seed}), all {total} tokens: {100 * full:.1f}%")
+    print(f"{args.model}: {args.n} held-out questions (seed {args.seed}), all {total} tokens: {100 * full.accuracy:.1f}%")
     print(f"{'method':12s} {'budget':>7s} {'tokens':>6s} {'accuracy':>9s} {'retained':>9s}")
     for row in rows:
         retained = "-" if row.retained is None else f"{100 * row.retained:.1f}%"
         print(f"{row.method:12s} {row.budget:>7s} {row.num_tokens:6d} {100 * row.accuracy:8.1f}% {retained:>9s}")
+    kinds = list(full.by_type)
+    print("\naccuracy (%) per question type")
+    print(f"{'method':12s} {'budget':>7s} " + " ".join(f"{kind:>10s}" for kind in kinds))
+    print(f"{'all tokens':12s} {'':>7s} " + " ".join(f"{100 * full.by_type[kind]:10.1f}" for kind in kinds))
+    for row in rows:
+        if row.fraction < 1:
+            print(f"{row.method:12s} {row.budget:>7s} " + " ".join(f"{100 * row.by_type[kind]:10.1f}" for kind in kinds))
     if args.json:
         report = {
             "model": args.model,
             "n": args.n,
             "seed": args.seed,
             "visual_tokens": total,
-            "full_accuracy": full,
+            "full_accuracy": full.accuracy,
+            "full_by_type": full.by_type,
             "options": options.per_method,
             "notes": options.notes,
             "rows": [row.as_dict() for row in rows],
@@ -79,5 +97,20 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=2)
     if args.plot:
-        plot(rows, full, args.plot, title=f"{args.model}, n={args.n}")
+        plot(rows, full.accuracy, args.plot, title=f"{args.model}, n={args.n}")
     return 0
+
+
+def _send_positions(positions: str, methods: tuple[str, ...], per_method: dict[str, dict[str, Any]]) -> list[str]:
+    """Add ``positions`` to the options of the methods that take it; notes for the others."""
+    from vispruner.methods import get_method
+
+    # FastV prunes inside the language model, whose layers before the cut hold original positions.
+    fixed = [name for name in methods if get_method(name).stage == "llm"] if positions == "compacted" else []
+    for name in methods:
+        if name not in fixed:
+            per_method[name]["positions"] = positions
+    if not fixed:
+        return []
+    verb = "keeps" if len(fixed) == 1 else "keep"
+    return [f"--positions compacted applies to the other methods; {', '.join(fixed)} {verb} original positions"]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from vispruner.testbed.scenes import Sample
+from vispruner.testbed.scenes import Question, Sample
 
 from .answering import answer
 from .budgets import Budget
@@ -19,9 +20,30 @@ class Row:
     fraction: float
     accuracy: float
     retained: float | None  # accuracy / full-token accuracy (None when that is 0)
+    by_type: dict[str, float] = field(default_factory=dict)  # accuracy per :func:`question_type`
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+#: The question types of :func:`question_type`, in the order reports show them.
+QUESTION_TYPES = ("colour", "shape", "count", "presence", "left/right", "top/bottom")
+
+
+def question_type(question: Question) -> str:
+    """The question's kind, with side questions split by axis ("left/right", "top/bottom"):
+    the axes differ in how the model can tell them, so they are reported apart."""
+    if question.kind == "side":
+        return "left/right" if question.answer in ("left", "right") else "top/bottom"
+    return question.kind
+
+
+@dataclass(frozen=True)
+class Score:
+    """Share answered right, overall and per :func:`question_type` (the types asked, in report order)."""
+
+    accuracy: float
+    by_type: dict[str, float]
 
 
 def accuracy(
@@ -31,16 +53,22 @@ def accuracy(
     batch_size: int,
     step: Callable[[int], None],
     max_new_tokens: int = 1,
-) -> float:
-    """Share of ``samples`` answered right (first word of the reply); calls ``step(k)`` after each batch of k."""
-    right = 0
+) -> Score:
+    """How many of ``samples`` are answered right (first word of the reply); calls ``step(k)``
+    after each batch of k."""
+    right: Counter[str] = Counter()
+    asked: Counter[str] = Counter()
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
         images, questions = [s.scene.render() for s in chunk], [s.question.text for s in chunk]
         replies = answer(model, processor, images, questions, max_new_tokens)
-        right += sum(reply == s.question.answer for reply, s in zip(replies, chunk))
+        for reply, sample in zip(replies, chunk):
+            kind = question_type(sample.question)
+            asked[kind] += 1
+            right[kind] += reply == sample.question.answer
         step(len(chunk))
-    return right / len(samples)
+    kinds = sorted(asked, key=QUESTION_TYPES.index)
+    return Score(sum(right.values()) / len(samples), {kind: right[kind] / asked[kind] for kind in kinds})
 
 
 def evaluate(
@@ -54,7 +82,7 @@ def evaluate(
     progress: bool = True,
     max_new_tokens: int = 1,
     options: Mapping[str, Mapping[str, Any]] | None = None,
-) -> tuple[float, list[Row]]:
+) -> tuple[Score, list[Row]]:
     """Full-token accuracy and one :class:`Row` per (method, budget), in that order.
 
     ``options[method]`` are that method's options (none when absent). A budget that keeps every
@@ -88,8 +116,10 @@ def evaluate(
                         score = accuracy(model, processor, samples, batch_size, bar.update, max_new_tokens)
                 else:
                     score = full
-                retained = score / full if full else None
-                rows.append(Row(method, budget.given, budget.num_tokens, budget.fraction, score, retained))
+                retained = score.accuracy / full.accuracy if full.accuracy else None
+                rows.append(
+                    Row(method, budget.given, budget.num_tokens, budget.fraction, score.accuracy, retained, score.by_type)
+                )
     return full, rows
 
 
