@@ -16,6 +16,12 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
 )
 
 PAD_ID, IMAGE_ID, VIDEO_ID, START_ID, END_ID = 0, 5, 6, 7, 8
@@ -77,11 +83,63 @@ def tiny_qwen2_vl(seed: int = 0, attn_implementation: str = "sdpa", text_layers:
     return _finish(Qwen2VLForConditionalGeneration(config), attn_implementation)
 
 
-BUILDERS = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl}
+def _qwen3_vision(**extra) -> dict:
+    return _vision_config(hidden_size=32, intermediate_size=64, out_hidden_size=32, num_position_embeddings=16, **extra)
 
 
-def tiny_qwen_inputs(prompts: list[list], seed: int = 0) -> BatchFeature:
-    """input_ids, attention_mask, mm_token_type_ids and pixels for ``prompts`` (see the module doc)."""
+def _qwen3_text(layers: int, **extra) -> dict:
+    text = _text_config() | {"num_hidden_layers": layers, "head_dim": 8}
+    text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
+    return text | extra
+
+
+def tiny_qwen3_vl(seed: int = 0, attn_implementation: str = "sdpa", text_layers: int = 2):
+    """Qwen3-VL-shaped: deepstack features of vision block 0 added to the first decoder layer's visual tokens."""
+    config = Qwen3VLConfig(
+        vision_config=_qwen3_vision(deepstack_visual_indexes=[0]), text_config=_qwen3_text(text_layers), **_ids()
+    )
+    torch.manual_seed(seed)
+    return _finish(Qwen3VLForConditionalGeneration(config), attn_implementation)
+
+
+def tiny_qwen3_vl_moe(seed: int = 0, attn_implementation: str = "sdpa", text_layers: int = 2):
+    """Qwen3-VL-MoE-shaped: as Qwen3-VL with 4 experts (2 per token) in every decoder layer."""
+    text = _qwen3_text(text_layers, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    config = Qwen3VLMoeConfig(vision_config=_qwen3_vision(deepstack_visual_indexes=[0]), text_config=text, **_ids())
+    torch.manual_seed(seed)
+    return _finish(Qwen3VLMoeForConditionalGeneration(config), attn_implementation)
+
+
+def tiny_qwen3_5(seed: int = 0, attn_implementation: str = "sdpa", text_layers: int = 2):
+    """Qwen3.5-shaped: a linear-attention (gated delta) decoder layer, then a full-attention one."""
+    text = _qwen3_text(
+        text_layers, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+        layer_types=(["linear_attention", "full_attention"] * text_layers)[:text_layers],
+    )
+    text["rope_parameters"] |= {"partial_rotary_factor": 1.0}
+    config = Qwen3_5Config(vision_config=_qwen3_vision(), text_config=text, **_ids())
+    torch.manual_seed(seed)
+    return _finish(Qwen3_5ForConditionalGeneration(config), attn_implementation)
+
+
+BUILDERS = {
+    "qwen2_vl": tiny_qwen2_vl,
+    "qwen2_5_vl": tiny_qwen2_5_vl,
+    "qwen3_vl": tiny_qwen3_vl,
+    "qwen3_vl_moe": tiny_qwen3_vl_moe,
+    "qwen3_5": tiny_qwen3_5,
+}
+#: Families whose prompts give each temporal group of a video its own placeholder run (after a
+#: timestamp), as their processors do.
+FRAMES_SEPARATED = {"qwen3_vl", "qwen3_vl_moe", "qwen3_5"}
+
+
+def tiny_qwen_inputs(prompts: list[list], seed: int = 0, frames_separated: bool = False) -> BatchFeature:
+    """input_ids, attention_mask, mm_token_type_ids and pixels for ``prompts`` (see the module doc).
+
+    ``frames_separated``: each temporal group of a video gets its own vision start/end after a
+    timestamp word (Qwen3-VL, Qwen3.5); otherwise a video is one run of placeholders.
+    """
     generator = torch.Generator().manual_seed(seed)
     rows, grids = [], {"image": [], "video": []}
     for prompt in prompts:
@@ -94,7 +152,11 @@ def tiny_qwen_inputs(prompts: list[list], seed: int = 0) -> BatchFeature:
             t, h, w = (1, *shape) if kind == "image" else shape
             grids[kind].append((t, h, w))
             token = IMAGE_ID if kind == "image" else VIDEO_ID
-            row += [START_ID] + [token] * (t * h * w // MERGE**2) + [END_ID]
+            if kind == "video" and frames_separated:
+                for group in range(t):
+                    row += [WORD_OFFSET + 40 + group, START_ID] + [token] * (h * w // MERGE**2) + [END_ID]
+            else:
+                row += [START_ID] + [token] * (t * h * w // MERGE**2) + [END_ID]
         rows.append(row)
     length = max(map(len, rows))
     input_ids = torch.tensor([[PAD_ID] * (length - len(row)) + row for row in rows])

@@ -28,6 +28,7 @@ class ReferenceItem:
     important: torch.Tensor | None
     tokens: torch.Tensor  # (P, D) merged tokens of the unpruned item, placeholder order
     kept_tokens: torch.Tensor  # what the item contributes to the pruned prompt
+    deepstack: list[torch.Tensor]  # Qwen3-VL: per deepstack layer, the kept tokens' features
 
 
 def _rotate(x, cos, sin):
@@ -48,7 +49,9 @@ def tower_signals(model, pixels, grid_thw):
     ]
     try:
         with torch.no_grad():
-            merged = visual(pixels, grid_thw=grid_thw).pooler_output
+            output = visual(pixels, grid_thw=grid_thw)
+            merged = output.pooler_output
+            seen["deepstack"] = getattr(output, "deepstack_features", None) or []
     finally:
         for hook in hooks:
             hook.remove()
@@ -73,13 +76,13 @@ def tower_signals(model, pixels, grid_thw):
     scores = received.view(-1, unit).mean(dim=1)[order].float()
     features = seen["merger"].reshape(-1, unit * hidden.shape[-1])[order]
     keys = key.float().view(-1, unit, *key.shape[1:]).mean(dim=1)[order]
-    return scores, features, keys, merged
+    return scores, features, keys, merged, seen["deepstack"]
 
 
 def reference_items(model, pixels, grid_thw, num_tokens=8, method="vispruner", per_video=False, **options):
     """Per image or video: its keep mask and tokens, each item (temporal group) selected on its own."""
     chosen = get_method(method)
-    scores, features, keys, merged = tower_signals(model, pixels, grid_thw)
+    scores, features, keys, merged, deepstack = tower_signals(model, pixels, grid_thw)
     merge = model.model.visual.spatial_merge_size
     items, start = [], 0
     for t, h, w in grid_thw.tolist():
@@ -109,6 +112,7 @@ def reference_items(model, pixels, grid_thw, num_tokens=8, method="vispruner", p
         items.append(ReferenceItem(
             keep.view(t, size), None if important[0] is None else torch.cat(important).view(t, size),
             merged[start : start + t * size], tokens[keep],
+            [layer[start : start + t * size][keep] for layer in deepstack],
         ))
         start += t * size
     return items
@@ -123,21 +127,33 @@ def reference_rows(model, inputs, images, videos):
             video_grid_thw=inputs.get("video_grid_thw"), attention_mask=mask_all,
         )
     embed = model.get_input_embeddings()
-    queues = {IMAGE_ID: iter(images), VIDEO_ID: iter(videos)}
+    # Per modality, all items' flags, kept tokens and deepstack rows in order, read run by run (a
+    # video may be split into one run per temporal group).
+    streams = {}
+    for token, items in ((IMAGE_ID, images), (VIDEO_ID, videos)):
+        if items:
+            flags = torch.cat([item.keep.flatten() for item in items])
+            kept = torch.cat([item.kept_tokens for item in items])
+            layers = [torch.cat(layer) for layer in zip(*(item.deepstack for item in items))]
+            streams[token] = [flags, kept, layers, 0]
     rows = []
     for row, (ids, mask) in enumerate(zip(ids_all, mask_all)):
         real = mask.bool()
         ids, full_positions = ids[real], positions[:, row, real]
-        parts, columns, sources, column = [], [], [], 0
+        parts, columns, sources, column, deepstack = [], [], [], 0, []
         while column < len(ids):
             token = int(ids[column])
-            if token in queues:
-                item = next(queues[token])
-                flags = item.keep.flatten()
-                parts.append(item.kept_tokens)
-                columns += [column + i for i in range(len(flags)) if flags[i]]
-                sources += [-1] * int(flags.sum())
-                column += len(flags)
+            if token in streams:
+                flags, kept, layers, cursor = streams[token]
+                run = int((ids[column:] == token).long().cumprod(0).sum())
+                run_flags = flags[cursor : cursor + run]
+                first, count = int(flags[:cursor].sum()), int(run_flags.sum())
+                parts.append(kept[first : first + count])
+                deepstack.append([layer[first : first + count] for layer in layers])
+                columns += [column + i for i in range(run) if run_flags[i]]
+                sources += [-1] * count
+                streams[token][3] = cursor + run
+                column += run
             else:
                 with torch.no_grad():
                     parts.append(embed(ids[column : column + 1]))
@@ -147,49 +163,59 @@ def reference_rows(model, inputs, images, videos):
         # generate() continues from the last column + 1. (Stock Qwen2.5-VL's rope_deltas, used without
         # position_ids, continue from the largest position + 1: the two differ after a video whose
         # temporal positions run past the text; the reference follows generate().)
-        rows.append((torch.cat(parts), full_positions[:, columns], int(full_positions[:, -1].max()) + 1, torch.tensor(sources)))
+        layers = [torch.cat(per_layer) for per_layer in zip(*deepstack)]
+        rows.append(Row(torch.cat(parts), full_positions[:, columns], int(full_positions[:, -1].max()) + 1,
+                        torch.tensor(sources), layers))
     return rows
 
 
-def lm_logits(model, embeds, positions):
+@dataclass
+class Row:
+    embeds: torch.Tensor  # (L', D) text embeddings and kept visual tokens, no padding
+    positions: torch.Tensor  # (3, L') the unpruned prompt's positions at the kept columns
+    next_position: int
+    sources: torch.Tensor  # (L',) input id of each token, -1 for a visual token
+    deepstack: list[torch.Tensor]  # Qwen3-VL: per deepstack layer, (visual tokens, D)
+
+
+def lm_logits(model, row, tokens=()):
+    """Logits of ``row``'s prompt followed by ``tokens``, positions continuing from the unpruned prompt."""
+    embeds, positions = row.embeds, row.positions
+    extra = {}
     with torch.no_grad():
+        if tokens:
+            embeds = torch.cat([embeds, model.get_input_embeddings()(torch.tensor(list(tokens)))])
+            steps = torch.arange(row.next_position, row.next_position + len(tokens)).expand(3, -1)
+            positions = torch.cat([positions, steps], dim=1)
+        if row.deepstack:
+            visual = torch.cat([row.sources == -1, torch.zeros(len(tokens), dtype=torch.bool)])
+            extra = {"visual_pos_masks": visual[None], "deepstack_visual_embeds": row.deepstack}
         hidden = model.model.language_model(
-            inputs_embeds=embeds[None], position_ids=positions[:, None], use_cache=False
+            inputs_embeds=embeds[None], position_ids=positions[:, None], use_cache=False, **extra
         ).last_hidden_state
         return model.lm_head(hidden)[0]
-
-
-def _extended(model, row, tokens):
-    embeds, positions, start, _ = row
-    if not tokens:
-        return embeds, positions
-    with torch.no_grad():
-        extra = model.get_input_embeddings()(torch.tensor(tokens))
-    steps = torch.arange(start, start + len(tokens)).expand(3, -1)
-    return torch.cat([embeds, extra]), torch.cat([positions, steps], dim=1)
 
 
 def greedy(model, row, steps):
     tokens = []
     for _ in range(steps):
-        tokens.append(int(lm_logits(model, *_extended(model, row, tokens))[-1].argmax()))
+        tokens.append(int(lm_logits(model, row, tokens)[-1].argmax()))
     return tokens
 
 
 def continuation_logits(model, row, tokens):
-    embeds, positions = _extended(model, row, tokens)
-    return lm_logits(model, embeds, positions)[len(row[0]) - 1 : len(row[0]) - 1 + len(tokens)]
+    length = len(row.embeds)
+    return lm_logits(model, row, tokens)[length - 1 : length - 1 + len(tokens)]
 
 
 def reference_loss(model, rows, inputs, labels):
     total, count = 0.0, 0
-    for (embeds, positions, _, sources), ids, row_labels, mask in zip(
-        rows, inputs["input_ids"], labels, inputs["attention_mask"]
-    ):
+    for row, ids, row_labels, mask in zip(rows, inputs["input_ids"], labels, inputs["attention_mask"]):
+        sources = row.sources
         ids, row_labels = ids[mask.bool()], row_labels[mask.bool()]
         text = iter(row_labels[(ids != IMAGE_ID) & (ids != VIDEO_ID)].tolist())
         targets = torch.tensor([next(text) if s >= 0 else -100 for s in sources.tolist()])[1:]
-        logits = lm_logits(model, embeds, positions)[:-1]
+        logits = lm_logits(model, row)[:-1]
         total = total + F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
         count += int((targets != -100).sum())
     return total / count

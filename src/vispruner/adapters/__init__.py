@@ -19,10 +19,15 @@ FAMILIES = {
     "llava_next": "vispruner.adapters.llava_next",
     "qwen2_vl": "vispruner.adapters.qwen2_vl",
     "qwen2_5_vl": "vispruner.adapters.qwen2_5_vl",
+    "qwen3_vl": "vispruner.adapters.qwen3_vl",
+    "qwen3_vl_moe": "vispruner.adapters.qwen3_vl",
+    "qwen3_5": "vispruner.adapters.qwen3_5",
 }
 SUPPORTED = (
     "LLaVA-1.5 (LlavaForConditionalGeneration), LLaVA-NeXT (LlavaNextForConditionalGeneration), "
-    "Qwen2-VL (Qwen2VLForConditionalGeneration), Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration)"
+    "Qwen2-VL (Qwen2VLForConditionalGeneration), Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration), "
+    "Qwen3-VL (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration), "
+    "Qwen3.5 (Qwen3_5ForConditionalGeneration)"
 )
 
 
