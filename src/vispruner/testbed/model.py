@@ -35,12 +35,13 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def build_tokenizer() -> Any:
-    """A word-level fast tokenizer over the question vocabulary (lower-cases, splits punctuation)."""
+def build_tokenizer(special: tuple[str, ...] = SPECIAL) -> Any:
+    """A word-level fast tokenizer over the question vocabulary (lower-cases, splits punctuation),
+    with the ``special`` tokens first (``<pad>``, ``<s>``, ``</s>``, ``<unk>``, then placeholders)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    words = [*SPECIAL, "user", "assistant", ":", *vocabulary()]
+    words = [*special, "user", "assistant", ":", *vocabulary()]
     vocab = {word: i for i, word in enumerate(dict.fromkeys(words))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
@@ -49,7 +50,7 @@ def build_tokenizer() -> Any:
     core.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
     )
-    core.add_special_tokens(list(SPECIAL))
+    core.add_special_tokens(list(special))
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token="<s>",
@@ -124,19 +125,28 @@ def build_model(processor: LlavaProcessor, seed: int = 0) -> LlavaForConditional
     return model.eval()
 
 
+#: Names of the bundled testbeds, as ``--model`` takes them.
+TESTBEDS = ("testbed", "testbed-qwen")
+
+
 def load_model(name: str = "testbed") -> tuple[Any, Any]:
-    """``"testbed"`` (the bundled model) or any image-text-to-text model path or hub id, with its processor."""
-    if name == "testbed":
-        return load_testbed()
+    """A bundled testbed (:data:`TESTBEDS`) or any image-text-to-text model path or hub id, with its processor."""
+    if name in TESTBEDS:
+        from . import qwen
+
+        return load_testbed(qwen.WEIGHTS if name == "testbed-qwen" else None)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(name)
     return model.eval(), AutoProcessor.from_pretrained(name)
 
 
-def load_testbed(path: str | Path | None = None) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """The bundled testbed model and processor (or those saved at ``path``), loaded offline."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+def load_testbed(path: str | Path | None = None) -> tuple[Any, Any]:
+    """The bundled LLaVA testbed's model and processor (or the testbed saved at ``path``, LLaVA
+    or Qwen), loaded offline."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from . import qwen
 
     path = Path(path) if path is not None else WEIGHTS
     if not (path / "config.json").is_file():
@@ -144,8 +154,11 @@ def load_testbed(path: str | Path | None = None) -> tuple[LlavaForConditionalGen
             f"path must hold a saved testbed (config.json), got {str(path)!r}; "
             "train one with `python -m vispruner.testbed.train`"
         )
-    model = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True)
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
+    if model.config.model_type == "qwen2_5_vl":
+        processor = qwen.load_processor(path)
+    else:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     return model.eval(), processor
 
 

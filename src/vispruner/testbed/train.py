@@ -1,11 +1,13 @@
-"""Train the testbed VLM from scratch, the way LLaVA was made, on CPU.
+"""Train a testbed VLM from scratch, the way LLaVA was made, on CPU.
 
-    python -m vispruner.testbed.train [--out DIR] [--seed 0]
+    python -m vispruner.testbed.train [--arch llava|qwen] [--out DIR] [--seed 0]
 
-Stage 1 trains the CLIP tower alone: heads on its [CLS] token predict which (colour, shape)
-pairs are present and how many objects there are, so that [CLS] attention has to find the
-objects (the signal VisPruner ranks patches by); heads on each patch name the colour and shape
-it shows. Stage 2 (LLaVA's projector alignment, off by default: ``--align-steps``) trains the
+``--arch`` picks the architecture (:mod:`vispruner.testbed.architectures`): the LLaVA testbed
+(default) or the Qwen2.5-VL one. Stage 1 trains the vision tower alone: heads on a summary of
+the image (LLaVA: its [CLS] token, so that [CLS] attention has to find the objects, the signal
+VisPruner ranks patches by; Qwen, which has no [CLS]: the mean over the image) predict which
+(colour, shape) pairs are present and how many objects there are; heads on each of the 8 x 8
+cells the language model will see name the colour and shape it shows. Stage 2 (LLaVA's projector alignment, off by default: ``--align-steps``) trains the
 projector alone on the questions. Stage 3 trains projector and language model together on the
 questions, tower frozen, its features computed once.
 
@@ -15,7 +17,7 @@ a curriculum that first shows it only the patches with objects plus a few others
 all patches by ``--curriculum`` steps), and a grounding loss, a linear probe on the middle decoder
 layer that must tell at each image token whether it shows an object the question is about.
 The stage-1 heads and the probe are thrown away: what is saved is a stock
-``LlavaForConditionalGeneration`` and its processor.
+``LlavaForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration`` and its processor.
 """
 
 from __future__ import annotations
@@ -25,22 +27,19 @@ import math
 import random
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .model import NUM_PATCHES, PATCH_SIZE, WEIGHTS, build_model, build_processor, prompt
+from .architectures import ARCHITECTURES
+from .model import NUM_PATCHES, PATCH_SIZE, prompt
 from .scenes import COLOURS, MAX_OBJECTS, QUESTION_TYPES, SHAPES, Question, Scene, ask, held_out, make_scene
 
 PAIRS = [(c, s) for c in COLOURS for s in SHAPES]
 GRID = int(math.isqrt(NUM_PATCHES))
-
-
-def pixels(processor, scenes: list[Scene]) -> torch.Tensor:
-    """(B, 3, H, W) pixel values exactly as the processor makes them at inference."""
-    return processor.image_processor([s.render() for s in scenes], return_tensors="pt")["pixel_values"]
 
 
 def tower_targets(scenes: list[Scene]) -> dict[str, torch.Tensor]:
@@ -76,10 +75,9 @@ class TowerHeads(nn.Module):
         self.colour = nn.Linear(width, len(COLOURS) + 1)
         self.shape = nn.Linear(width, len(SHAPES) + 1)  # class 0 unused: shape is asked only of objects
 
-    def loss(self, out, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        cls = out.pooler_output
-        patches = out.last_hidden_state[:, 1:]
-        presence_logits, count_logits = self.presence(cls), self.count(cls)
+    def loss(self, summary, patches, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """``summary`` (B, C) of each image, ``patches`` (B, 64, C) of its cells."""
+        presence_logits, count_logits = self.presence(summary), self.count(summary)
         # Pair id p + 1 (0 = none) factorises into colour p // len(SHAPES) and shape p % len(SHAPES).
         pair = targets["patch"] - 1
         colour = torch.where(pair >= 0, pair // len(SHAPES) + 1, 0)
@@ -108,17 +106,16 @@ def cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_tower(model, processor, steps: int, batch: int, lr: float, seed: int, log) -> None:
-    tower = model.model.vision_tower
-    heads = TowerHeads(tower.config.hidden_size)
+def train_tower(model, arch, processor, steps: int, batch: int, lr: float, seed: int, log) -> None:
+    tower = arch.tower(model)
+    heads = TowerHeads(arch.cell_width(model))
     params = list(tower.parameters()) + list(heads.parameters())
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     tower.train()
     rng = random.Random(seed)
     for step in range(steps):
         scenes = [make_scene(rng.randrange(HELD_OUT_LIMIT)) for _ in range(batch)]
-        out = tower(pixel_values=pixels(processor, scenes))
-        loss, stats = heads.loss(out, tower_targets(scenes))
+        loss, stats = heads.loss(*arch.tower_outputs(model, arch.pixels(processor, scenes)), tower_targets(scenes))
         for group in optimiser.param_groups:
             group["lr"] = lr * cosine(step, steps, 50)
         optimiser.zero_grad()
@@ -135,15 +132,34 @@ HELD_OUT_LIMIT = 5_000_000
 
 
 @torch.no_grad()
-def image_features(model, processor, scenes: list[Scene], chunk: int = 256) -> torch.Tensor:
-    """(S, N, C) frozen-tower features at the layer the projector reads, stored as float16."""
-    tower = model.model.vision_tower
-    layer = model.config.vision_feature_layer
+def image_features(model, arch, processor, scenes: list[Scene], chunk: int = 256) -> torch.Tensor:
+    """(S, N, C) frozen-tower features that the projector reads, stored as float16."""
     parts = []
     for i in range(0, len(scenes), chunk):
-        out = tower(pixel_values=pixels(processor, scenes[i : i + chunk]), output_hidden_states=True)
-        parts.append(out.hidden_states[layer][:, 1:].to(torch.float16))
+        parts.append(arch.image_features(model, arch.pixels(processor, scenes[i : i + chunk])).to(torch.float16))
     return torch.cat(parts)
+
+
+@dataclass
+class Batch:
+    """Right-padded rows of prompt, answer word and </s>: ``ids``, ``mask``, ``labels`` (only the
+    answer and </s> count) with the kept image tokens only; ``full_ids`` and ``full_mask`` with all
+    of them; ``columns`` (B, L): where each token of ``ids`` sits in ``full_ids``."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    labels: torch.Tensor
+    full_ids: torch.Tensor
+    full_mask: torch.Tensor
+    columns: torch.Tensor
+
+
+def pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
+    """(B, L) right-padded with ``value``."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), value)
+    for b, row in enumerate(rows):
+        out[b, : len(row)] = torch.tensor(row)
+    return out
 
 
 class QuestionBatcher:
@@ -155,44 +171,53 @@ class QuestionBatcher:
         self.image_id = self.tokenizer.convert_tokens_to_ids("<image>")
         self.cache: dict[str, list[int]] = {}
 
-    def ids(self, question: str, images: int = NUM_PATCHES) -> list[int]:
-        """The prompt's ids with ``images`` image placeholders."""
+    def ids(self, question: str) -> list[int]:
+        """The prompt's ids with one image placeholder per cell."""
         if question not in self.cache:
-            self.cache[question] = self.tokenizer(prompt(self.processor, question), add_special_tokens=True)["input_ids"]
-        ids = self.cache[question]
-        position = ids.index(self.image_id)
-        return ids[:position] + [self.image_id] * images + ids[position + 1 :]
+            ids = self.tokenizer(prompt(self.processor, question), add_special_tokens=True)["input_ids"]
+            position = ids.index(self.image_id)
+            self.cache[question] = ids[:position] + [self.image_id] * NUM_PATCHES + ids[position + 1 :]
+        return self.cache[question]
 
-    def build(
-        self, questions: list[str], answers: list[str], images: list[int] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Right-padded ids, attention mask and labels (only the answer word and </s> count);
-        row b has ``images[b]`` image placeholders (default: all patches)."""
-        images = images or [NUM_PATCHES] * len(questions)
-        rows = [self.ids(q, n) for q, n in zip(questions, images)]
+    def build(self, questions: list[str], answers: list[str], keep: torch.Tensor | None = None) -> Batch:
+        """Row b keeps the image tokens where ``keep[b]`` (B, N) is true (default: all)."""
         answer_ids = self.tokenizer.convert_tokens_to_ids(answers)
-        length = max(len(r) for r in rows) + 2
-        ids = torch.full((len(rows), length), self.tokenizer.pad_token_id)
-        mask = torch.zeros(len(rows), length, dtype=torch.long)
-        labels = torch.full((len(rows), length), -100)
-        for b, (row, answer) in enumerate(zip(rows, answer_ids)):
-            full = row + [answer, self.tokenizer.eos_token_id]
-            ids[b, : len(full)] = torch.tensor(full)
-            mask[b, : len(full)] = 1
-            labels[b, len(row) : len(full)] = torch.tensor(full[len(row) :])
-        return ids, mask, labels
+        full_rows, rows, columns, labels = [], [], [], []
+        for b, (question, answer) in enumerate(zip(questions, answer_ids)):
+            full = self.ids(question) + [answer, self.tokenizer.eos_token_id]
+            start = full.index(self.image_id)
+            kept = [
+                i for i, token in enumerate(full)
+                if token != self.image_id or keep is None or keep[b, i - start]
+            ]
+            full_rows.append(full)
+            rows.append([full[i] for i in kept])
+            columns.append(kept)
+            labels.append([-100] * (len(kept) - 2) + full[-2:])
+        pad = self.tokenizer.pad_token_id
+        return Batch(
+            ids=pad_rows(rows, pad),
+            mask=pad_rows([[1] * len(r) for r in rows], 0),
+            labels=pad_rows(labels, -100),
+            full_ids=pad_rows(full_rows, pad),
+            full_mask=pad_rows([[1] * len(r) for r in full_rows], 0),
+            columns=pad_rows(columns, 0),
+        )
 
 
-def language_forward(model, ids, mask, features, keep: torch.Tensor | None = None, layer: int | None = None):
+def language_forward(model, arch, batch: Batch, features, keep: torch.Tensor | None = None, layer: int | None = None):
     """Logits of the stock model on precomputed tower features (the same path as ``forward``),
-    with only the patches in ``keep`` (B, N) when given, and the hidden states after decoder
-    layer ``layer`` when one is named."""
-    embeds = model.get_input_embeddings()(ids)
-    image = model.model.multi_modal_projector(features.float())
+    with only the cells in ``keep`` (B, N) when given (the batch built with the same ``keep``),
+    and the hidden states after decoder layer ``layer`` when one is named."""
+    embeds = model.get_input_embeddings()(batch.ids)
+    image = arch.project(model, features.float())
     image = image[keep] if keep is not None else image
-    slots = ids == model.config.image_token_index
+    slots = batch.ids == arch.image_token_id(model)
     embeds = embeds.masked_scatter(slots[..., None], image.to(embeds.dtype))
-    out = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=layer is not None)
+    positions = arch.positions(model, batch.full_ids, batch.full_mask, batch.columns)
+    out = model.model.language_model(
+        inputs_embeds=embeds, attention_mask=batch.mask, position_ids=positions, output_hidden_states=layer is not None
+    )
     logits = model.lm_head(out.last_hidden_state)
     return logits, (out.hidden_states[layer] if layer is not None else None)
 
@@ -232,13 +257,14 @@ def answer_prior(scenes: list[Scene], rng: random.Random, n: int = 4000) -> dict
 
 
 @torch.no_grad()
-def evaluate_features(model, batcher, features, questions) -> dict[str, float]:
+def evaluate_features(model, arch, batcher, features, questions) -> dict[str, float]:
     """Per-type accuracy of the first answer word on precomputed features."""
     right: dict[str, list[bool]] = defaultdict(list)
     for i in range(0, len(questions), 256):
         qs = questions[i : i + 256]
-        ids, mask, labels = batcher.build([q.text for q in qs], [q.answer for q in qs])
-        logits, _ = language_forward(model, ids, mask, features[i : i + 256])
+        batch = batcher.build([q.text for q in qs], [q.answer for q in qs])
+        logits, _ = language_forward(model, arch, batch, features[i : i + 256])
+        labels = batch.labels
         first = (labels != -100).float().argmax(-1)
         rows = torch.arange(len(qs))
         predicted = logits[rows, first - 1].argmax(-1)
@@ -249,7 +275,7 @@ def evaluate_features(model, batcher, features, questions) -> dict[str, float]:
     return accuracy
 
 
-def train_language(model, batcher, data, val, steps, batch, lr, seed, params, name, log, curriculum=0) -> None:
+def train_language(model, arch, batcher, data, val, steps, batch, lr, seed, params, name, log, curriculum=0) -> None:
     """Answer loss plus the grounding loss (see the module notes) over ``steps`` steps; image
     sequences grow from object patches to all patches over the first ``curriculum`` steps."""
     features, scenes, patch_labels = data
@@ -262,12 +288,10 @@ def train_language(model, batcher, data, val, steps, batch, lr, seed, params, na
         indices = [rng.randrange(len(scenes)) for _ in range(batch)]
         questions = sample_questions(scenes, indices, rng)
         keep = curriculum_keep(patch_labels[indices], step / curriculum if step < curriculum else 1.0, rng)
-        ids, mask, labels = batcher.build(
-            [q.text for q in questions], [q.answer for q in questions], keep.sum(-1).tolist()
-        )
-        logits, hidden = language_forward(model, ids, mask, features[indices], keep, layer)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        slots = ids == model.config.image_token_index
+        rows = batcher.build([q.text for q in questions], [q.answer for q in questions], keep)
+        logits, hidden = language_forward(model, arch, rows, features[indices], keep, layer)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), rows.labels[:, 1:].flatten(), ignore_index=-100)
+        slots = rows.ids == arch.image_token_id(model)
         grounding = F.binary_cross_entropy_with_logits(
             probe(hidden[slots]).squeeze(-1), grounding_targets(patch_labels[indices], questions)[keep]
         )
@@ -281,14 +305,15 @@ def train_language(model, batcher, data, val, steps, batch, lr, seed, params, na
             line = f"{name} {step:5d}/{steps} loss {loss.item():.3f} grounding {grounding.item():.3f}"
             if step % 500 == 0 or step == steps - 1:
                 model.eval()
-                line += " held-out " + " ".join(f"{k} {v:.3f}" for k, v in evaluate_features(model, batcher, *val).items())
+                line += " held-out " + " ".join(f"{k} {v:.3f}" for k, v in evaluate_features(model, arch, batcher, *val).items())
                 model.model.language_model.train()
             log(line)
     model.eval()
 
 
 def train(
-    out: Path,
+    out: Path | None = None,
+    arch: str = "llava",
     seed: int = 0,
     tower_steps: int = 2400,
     align_steps: int = 0,
@@ -303,87 +328,80 @@ def train(
     curriculum: int = 1200,
     log=print,
 ) -> dict[str, float]:
-    """Train all stages and save the model and processor to ``out``; returns held-out accuracy."""
+    """Train all stages of architecture ``arch`` and save the model and processor to ``out``
+    (default: the package's weights for it); returns held-out accuracy. The defaults are the
+    LLaVA testbed's recipe; ``python -m vispruner.testbed.train`` applies each architecture's own."""
+    architecture = ARCHITECTURES[arch]
+    out = architecture.weights if out is None else out
     torch.manual_seed(seed)
     start = time.perf_counter()
-    processor = build_processor()
-    model = build_model(processor, seed)
-    log(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
+    model, processor = architecture.build(seed)
+    log(f"{arch}: parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
 
-    tower = model.model.vision_tower
+    tower = architecture.tower(model)
     if tower_checkpoint is not None and tower_checkpoint.is_file():
         tower.load_state_dict(torch.load(tower_checkpoint, weights_only=True))
         log(f"stage 1 (tower) loaded from {tower_checkpoint}")
     else:
-        train_tower(model, processor, tower_steps, batch, tower_lr, seed, log)
+        train_tower(model, architecture, processor, tower_steps, batch, tower_lr, seed, log)
         log(f"stage 1 (tower) took {(time.perf_counter() - start) / 60:.1f} min")
         if tower_checkpoint is not None:
             torch.save(tower.state_dict(), tower_checkpoint)
-    model.model.vision_tower.requires_grad_(False)
+    tower.requires_grad_(False)
+    # The projector is trained in stage 3 from its initial weights (Qwen's merger lives in the tower).
+    architecture.projector(model).requires_grad_(True)
 
     rng = random.Random(seed + 1)
     scenes = [make_scene(rng.randrange(HELD_OUT_LIMIT)) for _ in range(train_scenes)]
-    features = image_features(model, processor, scenes)
+    features = image_features(model, architecture, processor, scenes)
     data = (features, scenes, tower_targets(scenes)["patch"])
     val_samples = held_out(val_size, seed=seed + 1)
-    val_features = image_features(model, processor, [s.scene for s in val_samples])
+    val_features = image_features(model, architecture, processor, [s.scene for s in val_samples])
     val = (val_features, [s.question for s in val_samples])
     prior = answer_prior(scenes, random.Random(seed + 2))
     log("answer prior per type: " + " ".join(f"{k} {v:.3f}" for k, v in sorted(prior.items())))
     batcher = QuestionBatcher(processor)
 
-    projector = list(model.model.multi_modal_projector.parameters())
-    train_language(model, batcher, data, val, align_steps, language_batch, language_lr, seed + 3, projector, "align", log)
+    projector = list(architecture.projector(model).parameters())
+    train_language(model, architecture, batcher, data, val, align_steps, language_batch, language_lr, seed + 3, projector, "align", log)
     everything = projector + list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
-    train_language(model, batcher, data, val, language_steps, language_batch, language_lr, seed + 4, everything, "tune", log, curriculum)
-    accuracy = evaluate_features(model, batcher, *val)
+    train_language(model, architecture, batcher, data, val, language_steps, language_batch, language_lr, seed + 4, everything, "tune", log, curriculum)
+    accuracy = evaluate_features(model, architecture, batcher, *val)
     minutes = (time.perf_counter() - start) / 60
     log(f"training took {minutes:.1f} min; held-out accuracy " + " ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
 
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    architecture.save(model, processor, out)
     return {**accuracy, "minutes": minutes}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vispruner.testbed.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=WEIGHTS, help="folder to save to (default: the package's weights)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tower-steps", type=int, default=2400)
-    parser.add_argument("--align-steps", type=int, default=0)
-    parser.add_argument("--language-steps", type=int, default=2400)
-    parser.add_argument("--batch", type=int, default=32, help="images per step of stage 1")
-    parser.add_argument("--language-batch", type=int, default=32, help="questions per step of stages 2 and 3")
-    parser.add_argument("--train-scenes", type=int, default=16000)
-    parser.add_argument("--val-size", type=int, default=1000)
-    parser.add_argument("--tower-lr", type=float, default=1e-3)
-    parser.add_argument("--language-lr", type=float, default=1e-3)
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="llava", help="testbed architecture (default: llava)")
+    parser.add_argument("--out", type=Path, default=None, help="folder to save to (default: the package's weights for --arch)")
+    # Recipe options left out take the architecture's recipe (Architecture.recipe), else train()'s defaults.
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--tower-steps", type=int)
+    parser.add_argument("--align-steps", type=int)
+    parser.add_argument("--language-steps", type=int)
+    parser.add_argument("--batch", type=int, help="images per step of stage 1")
+    parser.add_argument("--language-batch", type=int, help="questions per step of stages 2 and 3")
+    parser.add_argument("--train-scenes", type=int)
+    parser.add_argument("--val-size", type=int)
+    parser.add_argument("--tower-lr", type=float)
+    parser.add_argument("--language-lr", type=float)
     parser.add_argument(
-        "--tower-checkpoint", type=Path, default=None,
+        "--tower-checkpoint", type=Path,
         help="reuse stage 1 from this file if it exists, else save stage 1 there (to tune later stages)",
     )
-    parser.add_argument("--curriculum", type=int, default=1200, help="steps over which short image sequences give way to full ones")
+    parser.add_argument("--curriculum", type=int, help="steps over which short image sequences give way to full ones")
     # One thread: on a busy 2-core machine two OpenMP threads stall each other (measured 5x slower).
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    train(
-        args.out,
-        seed=args.seed,
-        tower_steps=args.tower_steps,
-        align_steps=args.align_steps,
-        language_steps=args.language_steps,
-        batch=args.batch,
-        language_batch=args.language_batch,
-        train_scenes=args.train_scenes,
-        val_size=args.val_size,
-        tower_lr=args.tower_lr,
-        language_lr=args.language_lr,
-        tower_checkpoint=args.tower_checkpoint,
-        curriculum=args.curriculum,
-        log=lambda line: print(line, flush=True),
-    )
+    args = vars(parser.parse_args(argv))
+    torch.set_num_threads(args.pop("threads"))
+    out, arch = args.pop("out"), args.pop("arch")
+    given = {name: value for name, value in args.items() if value is not None}
+    train(out, arch=arch, **{**ARCHITECTURES[arch].recipe, **given}, log=lambda line: print(line, flush=True))
     return 0
 
 
