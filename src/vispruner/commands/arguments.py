@@ -139,15 +139,23 @@ def check_plot(path: str | None) -> None:
 
 
 def visual_tokens_of(model: str) -> int:
-    """Visual tokens per image of ``model`` (``"testbed"``, a path or a hub id), from its config only."""
+    """Visual tokens per image of ``model`` (a bundled testbed, a path or a hub id), from its config only."""
     from transformers import AutoConfig
 
     from vispruner.eval.budgets import visual_tokens
-    from vispruner.testbed.model import WEIGHTS
+    from vispruner.testbed.model import TESTBEDS, testbed_weights
+    from vispruner.testbed.scenes import IMAGE_SIZE
 
+    if model in TESTBEDS and not (testbed_weights(model) / "config.json").is_file():
+        arch = "qwen" if model == "testbed-qwen" else "llava"
+        raise UsageError(
+            f"--model {model!r}: its weights are not installed; train them with "
+            f"`python -m vispruner.testbed.train --arch {arch}`"
+        )
     try:
-        config = AutoConfig.from_pretrained(WEIGHTS if model == "testbed" else model)
-        return visual_tokens(config)
+        if model in TESTBEDS:
+            return visual_tokens(AutoConfig.from_pretrained(testbed_weights(model)), image_size=IMAGE_SIZE)
+        return visual_tokens(AutoConfig.from_pretrained(model))
     except (OSError, ValueError, AttributeError) as error:
         raise UsageError(f"--model {model!r}: cannot read its config ({str(error).splitlines()[0]})") from None
 

@@ -11,7 +11,7 @@ DEMO_SCENE = 129
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="testbed", help="'testbed' (bundled, offline) or a model path or hub id")
+    parser.add_argument("--model", default="testbed", help="'testbed' or 'testbed-qwen' (bundled, offline) or a model path or hub id")
     parser.add_argument("--image", default=None, help="image file (default: a generated testbed scene)")
     parser.add_argument("--question", default=None, help="question about the image (required with --image)")
     parser.add_argument(

@@ -20,7 +20,7 @@ from .arguments import (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="testbed", help="'testbed' (bundled) or a model path or hub id")
+    parser.add_argument("--model", default="testbed", help="'testbed' or 'testbed-qwen' (bundled) or a model path or hub id")
     parser.add_argument("--methods", type=method_names, default="vispruner,random",
                         help="comma-separated registered methods (default vispruner,random; see `vispruner methods`)")
     parser.add_argument(

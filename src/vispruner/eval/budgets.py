@@ -44,13 +44,19 @@ def parse_budgets(spec: str, total: int) -> list[Budget]:
     return [parse_budget(p, total) for p in parts]
 
 
-def visual_tokens(model: Any) -> int:
-    """Visual tokens per image that a LLaVA-style model's language model receives unpruned.
+def visual_tokens(model: Any, image_size: int | None = None) -> int:
+    """Visual tokens per image that the language model of a LLaVA-style or Qwen-VL model
+    receives unpruned. A Qwen-VL model sees one token per 2 x 2 patches of the image it is
+    given, so it needs ``image_size`` (px, of a square image that its processor leaves as it is).
 
     ``model`` is the model or its config (so that a command can check budgets before loading it).
     """
     config = getattr(model, "config", model)
     vision = config.vision_config
+    if hasattr(vision, "spatial_merge_size"):
+        if image_size is None:
+            raise ValueError(f"image_size must be given for {config.model_type}: its visual tokens follow the image size")
+        return (image_size // (vision.patch_size * vision.spatial_merge_size)) ** 2
     patches = (vision.image_size // vision.patch_size) ** 2
     full = getattr(config, "vision_feature_select_strategy", "default") == "full"
     return patches + int(full)

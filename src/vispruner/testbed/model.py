@@ -129,12 +129,19 @@ def build_model(processor: LlavaProcessor, seed: int = 0) -> LlavaForConditional
 TESTBEDS = ("testbed", "testbed-qwen")
 
 
+def testbed_weights(name: str) -> Path:
+    """The folder of the bundled testbed ``name`` (one of :data:`TESTBEDS`)."""
+    from . import qwen
+
+    if name not in TESTBEDS:
+        raise ValueError(f"name must be one of {', '.join(TESTBEDS)}; got {name!r}")
+    return qwen.WEIGHTS if name == "testbed-qwen" else WEIGHTS
+
+
 def load_model(name: str = "testbed") -> tuple[Any, Any]:
     """A bundled testbed (:data:`TESTBEDS`) or any image-text-to-text model path or hub id, with its processor."""
     if name in TESTBEDS:
-        from . import qwen
-
-        return load_testbed(qwen.WEIGHTS if name == "testbed-qwen" else None)
+        return load_testbed(testbed_weights(name))
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(name)

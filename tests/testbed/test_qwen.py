@@ -1,0 +1,128 @@
+"""The Qwen testbed: stock processor and model built offline, saved and loaded unchanged; the
+training path computes what the stock forward does; pruned generation runs."""
+
+import math
+
+import pytest
+import torch
+
+import vispruner
+from vispruner.eval.answering import answer
+from vispruner.testbed import qwen
+from vispruner.testbed.architectures import ARCHITECTURES
+from vispruner.testbed.model import encode, load_testbed
+from vispruner.testbed.scenes import held_out, make_sample
+from vispruner.testbed.train import QuestionBatcher, language_forward
+
+GRID = math.isqrt(qwen.NUM_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return qwen.build_processor()
+
+
+@pytest.fixture(scope="module")
+def model(processor):
+    torch.manual_seed(0)
+    model = qwen.build_model(processor, seed=1)
+    # Peaked weights, so that a wrong token order or position changes the logits visibly.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0, 0.2)
+    return model
+
+
+def test_processor_puts_one_placeholder_per_merged_token(processor):
+    sample = make_sample(3)
+    batch = encode(processor, [sample.scene.render()], [sample.question.text + " zebra"])
+    ids = batch["input_ids"][0].tolist()
+    assert ids.count(processor.image_token_id) == qwen.NUM_TOKENS == 64
+    # Only the placeholders are image tokens; an unknown word is <unk>, never a video token.
+    assert batch["mm_token_type_ids"][0].tolist() == [int(i == processor.image_token_id) for i in ids]
+    assert processor.tokenizer.unk_token_id in ids and processor.video_token_id not in ids
+    assert batch["image_grid_thw"].tolist() == [[1, 2 * GRID, 2 * GRID]]
+    assert batch["pixel_values"].shape == (4 * qwen.NUM_TOKENS, 3 * 2 * qwen.PATCH_SIZE**2)
+
+
+def test_model_is_a_windowed_tower_with_a_full_attention_block(model):
+    vision = model.config.vision_config
+    assert model.config.model_type == "qwen2_5_vl" and vision.spatial_merge_size == 2
+    assert 0 < len(vision.fullatt_block_indexes) < vision.depth
+    windows = vision.window_size // (vision.patch_size * vision.spatial_merge_size)
+    assert GRID % windows == 0 and windows < GRID  # more than one window per image
+
+
+def test_saved_testbed_loads_offline_and_computes_the_same(tmp_path, processor, model, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ARCHITECTURES["qwen"].save(model, processor, tmp_path)
+    loaded, loaded_processor = load_testbed(tmp_path)
+    sample = make_sample(5)
+    batch = encode(processor, [sample.scene.render()], [sample.question.text])
+    again = encode(loaded_processor, [sample.scene.render()], [sample.question.text])
+    for key in batch:
+        assert torch.equal(batch[key], again[key]), key
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**again).logits)
+
+
+def test_training_path_computes_the_stock_forward(processor, model):
+    """Cached cells, the merger on them and gathered M-RoPE positions give the logits that
+    the stock forward gives from pixels (one prompt at a time, so that padding plays no part)."""
+    arch = ARCHITECTURES["qwen"]
+    samples = held_out(3, seed=2)
+    scenes, questions = [s.scene for s in samples], [s.question for s in samples]
+    batch = QuestionBatcher(processor).build([q.text for q in questions], [q.answer for q in questions])
+    with torch.no_grad():
+        features = arch.image_features(model, arch.pixels(processor, scenes))
+        logits, _ = language_forward(model, arch, batch, features)
+        for b, (scene, question) in enumerate(zip(scenes, questions)):
+            stock = model(**encode(processor, [scene.render()], [question.text])).logits[0]
+            torch.testing.assert_close(logits[b, : len(stock)], stock, rtol=1e-4, atol=1e-4)
+
+
+def test_kept_image_tokens_keep_their_row_and_column(processor, model):
+    arch = ARCHITECTURES["qwen"]
+    sample = make_sample(7)
+    keep = torch.zeros(1, qwen.NUM_TOKENS, dtype=torch.bool)
+    cells = [0, 9, 30, 63]
+    keep[0, cells] = True
+    batch = QuestionBatcher(processor).build([sample.question.text], [sample.question.answer], keep)
+    positions = arch.positions(model, batch.full_ids, batch.full_mask, batch.columns)[:, 0]
+    ids = batch.ids[0].tolist()
+    start = ids.index(processor.image_token_id)  # text before the image counts 0 .. start - 1
+    image = [i for i, token in enumerate(ids) if token == processor.image_token_id]
+    expected = [[start, start + cell // GRID, start + cell % GRID] for cell in cells]
+    assert positions[:, image].T.tolist() == expected
+    # Text after the image continues after the image's 8 x 8 extent, as if nothing were dropped.
+    after = image[-1] + 1
+    assert positions[:, after].tolist() == [start + GRID] * 3
+
+
+def test_a_few_steps_of_every_stage_train_and_save_a_loadable_qwen(tmp_path, capsys):
+    from vispruner.testbed.train import main
+
+    torch.manual_seed(0)
+    main(
+        [
+            "--arch", "qwen", "--out", str(tmp_path), "--tower-steps", "2", "--language-steps", "2",
+            "--batch", "2", "--language-batch", "4", "--train-scenes", "8", "--val-size", "8",
+        ]
+    )
+    assert "qwen: parameters" in capsys.readouterr().out
+    model, processor = load_testbed(tmp_path)
+    assert model.config.model_type == "qwen2_5_vl"
+    assert processor.image_token_id == model.config.image_token_id
+
+
+def test_pruned_generation_keeps_the_budget_and_remove_restores(processor, model):
+    samples = held_out(4, seed=3)
+    images, questions = [s.scene.render() for s in samples], [s.question.text for s in samples]
+    full = answer(model, processor, images, questions)
+    for method in ("vispruner", "random"):
+        with vispruner.pruned(model, num_tokens=7, method=method):
+            assert len(answer(model, processor, images, questions)) == 4
+            keep = vispruner.last_selection(model)[0].keep
+            assert keep.shape[-1] == qwen.NUM_TOKENS and (keep.sum(-1) == 7).all()
+    assert answer(model, processor, images, questions) == full
