@@ -62,9 +62,14 @@ def image_as_seen(image: "Image.Image", processor: Any) -> "Image.Image":
     prepares it for the vision tower: the picture whose patches a selection's grid covers.
 
     The processor runs on ``image`` and its normalisation is undone; for processors that cut an
-    image into several views (LLaVA-NeXT), the first view, the whole image at base resolution.
+    image into several views (LLaVA-NeXT), the first view, the whole image at base resolution;
+    for Qwen-VL processors, the image resized as they resize it.
     """
     image_processor = getattr(processor, "image_processor", processor)
+    if hasattr(image_processor, "merge_size"):
+        # Qwen-VL processors flatten the patches but only resize the image (to whole merged tokens).
+        _, rows, columns = image_processor(images=image.convert("RGB"), return_tensors="pt")["image_grid_thw"][0].tolist()
+        return image.convert("RGB").resize((columns * image_processor.patch_size, rows * image_processor.patch_size))
     pixel_values = image_processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
     view = pixel_values.reshape(-1, *pixel_values.shape[-3:])[0]
     return pixel_values_to_image(view, image_processor.image_mean, image_processor.image_std)

@@ -1,6 +1,7 @@
 """The Qwen testbed: stock processor and model built offline, saved and loaded unchanged; the
 training path computes what the stock forward does; pruned generation runs."""
 
+import json
 import math
 
 import pytest
@@ -126,3 +127,39 @@ def test_pruned_generation_keeps_the_budget_and_remove_restores(processor, model
             keep = vispruner.last_selection(model)[0].keep
             assert keep.shape[-1] == qwen.NUM_TOKENS and (keep.sum(-1) == 7).all()
     assert answer(model, processor, images, questions) == full
+
+
+@pytest.fixture
+def installed(tmp_path, processor, model, monkeypatch):
+    """``testbed-qwen`` served from a saved copy of the random model, offline."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    weights = tmp_path / "weights_qwen"
+    ARCHITECTURES["qwen"].save(model, processor, weights)
+    monkeypatch.setattr(qwen, "WEIGHTS", weights)
+    return weights
+
+
+def test_demo_and_eval_run_on_testbed_qwen(installed, tmp_path, capsys):
+    from vispruner.cli import main
+
+    picture = tmp_path / "demo.png"
+    assert main(["demo", "--model", "testbed-qwen", "--tokens", "11%", "--out", str(picture)]) == 0
+    text = capsys.readouterr().out
+    assert "  64 visual tokens" in text and "   7 visual tokens" in text
+    assert picture.stat().st_size > 0
+    report = tmp_path / "eval.json"
+    argv = ["eval", "--model", "testbed-qwen", "--methods", "vispruner,random", "--tokens", "100%,11%"]
+    assert main([*argv, "--n", "4", "--batch-size", "4", "--json", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["visual_tokens"] == 64
+    assert [(r["method"], r["num_tokens"]) for r in data["rows"]] == [
+        ("vispruner", 64), ("vispruner", 7), ("random", 64), ("random", 7)
+    ]
+
+
+def test_testbed_qwen_without_weights_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    from vispruner.cli import main
+
+    monkeypatch.setattr(qwen, "WEIGHTS", tmp_path / "missing")
+    assert main(["eval", "--model", "testbed-qwen", "--n", "1"]) == 2
+    assert "--model 'testbed-qwen': its weights are not installed" in capsys.readouterr().err
