@@ -14,7 +14,7 @@ import torch
 import vispruner
 from vispruner.methods import available_methods, get_method
 
-from .cases import FAMILIES, model_and_inputs
+from .cases import FAMILIES, TEXTS, model_and_inputs
 from .reference import continuation_logits, greedy, lm_logits, reference_images, reference_loss, reference_sequences
 
 NUM_TOKENS = 8
@@ -139,6 +139,38 @@ def test_inputs_embeds_and_a_hand_written_decode_loop(family):
         reference = continuation_logits(model, expected, [int(next_tokens[row])] + [0])
         torch.testing.assert_close(out.logits[row, -1], reference[0], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(step.logits[row, -1], reference[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("with_mask", [True, False], ids=["full-length-mask", "no-mask"])
+def test_decode_loop_without_position_ids(family, with_mask):
+    # generate() always passes position_ids; a user's own loop often passes none, so each step's
+    # positions come from the cache length and the tokens pruned from the row. Several steps,
+    # then one step of two tokens; without a mask, one unpadded prompt (the mask is all ones).
+    texts = TEXTS if with_mask else ["w3 <image> w4 w5"]
+    model, inputs = model_and_inputs(family, texts=texts)
+    images = reference_images(model, inputs["pixel_values"], inputs.get("image_sizes"), NUM_TOKENS)
+    rows = reference_sequences(model, inputs["input_ids"], inputs["attention_mask"], images)
+    vispruner.apply(model, NUM_TOKENS)
+    prompt = dict(inputs) if with_mask else {k: v for k, v in inputs.items() if k != "attention_mask"}
+    mask = inputs["attention_mask"]
+    with torch.no_grad():
+        out = model(**prompt, use_cache=True)
+        logits, cache = [out.logits[:, -1:]], out.past_key_values
+        chosen = [out.logits[:, -1:].argmax(dim=-1)]
+        for _ in range(STEPS - 1):
+            mask = torch.cat([mask, torch.ones_like(chosen[-1])], dim=1)
+            step = model(input_ids=chosen[-1], attention_mask=mask if with_mask else None, past_key_values=cache)
+            logits.append(step.logits[:, -1:])
+            chosen.append(step.logits[:, -1:].argmax(dim=-1))
+            cache = step.past_key_values
+        pair = torch.cat([chosen[-1], torch.full_like(chosen[-1], 5)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(pair)], dim=1)
+        logits.append(model(input_ids=pair, attention_mask=mask if with_mask else None, past_key_values=cache).logits)
+    logits, tokens = torch.cat(logits, dim=1), torch.cat(chosen, dim=1)
+    for row, (embeds, _) in enumerate(rows):
+        expected = continuation_logits(model, embeds, tokens[row].tolist() + [5, 0])
+        torch.testing.assert_close(logits[row], expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
