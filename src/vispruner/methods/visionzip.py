@@ -44,9 +44,9 @@ def visionzip_selection(
         ``features`` except at the contextual tokens, which hold their merged features (None
         when there is no contextual token).
 
-    Dominant: the ``K - K_ctx`` patches with the highest attention. Contextual: the other
-    ``R = N - K_dom`` patches, in raster order, give ``K_ctx`` targets evenly spaced by
-    ``R // K_ctx`` from the first; every other remaining patch joins the target whose
+    Dominant: the ``K - K_ctx`` patches with the highest attention (of tied scores, the lower
+    index first). Contextual: the other ``R = N - K_dom`` patches, in raster order, give
+    ``K_ctx`` targets evenly spaced by ``R // K_ctx`` from the first; every other remaining patch joins the target whose
     L2-normalised key is most similar (cosine; the first target wins a tie). A target's merged
     feature is its own feature plus the mean feature of the patches that joined it, as the
     authors' code computes it (a target nobody joins keeps its own feature). Each contextual
@@ -65,7 +65,10 @@ def visionzip_selection(
     num_dominant = num_keep - num_contextual
 
     dominant = torch.zeros(batch, tokens, dtype=torch.bool, device=features.device)
-    dominant.scatter_(1, torch.topk(scores, num_dominant, dim=1).indices, True)
+    # Stable: tied scores (common with half-precision attention) go to the lower index on every
+    # device, where topk's choice among ties depends on the kernel.
+    ranked = torch.argsort(scores, dim=1, descending=True, stable=True)
+    dominant.scatter_(1, ranked[:, :num_dominant], True)
     if num_contextual == 0:
         return Selection(keep=dominant.clone(), important=dominant)
 
