@@ -46,3 +46,23 @@ def problems(draw, max_side: int = 9, max_extra_tokens: int = 3) -> Problem:
 def scores(attention: torch.Tensor) -> torch.Tensor:
     """(B, N) head-averaged scores of (B, N) or (B, H, N) attention."""
     return attention.float().mean(1) if attention.ndim == 3 else attention.float()
+
+
+def exact_unit_vectors(count: int, dim: int, nonzeros: int, generator: torch.Generator) -> torch.Tensor:
+    """(count, dim) float32 vectors of ``nonzeros`` entries +-1 (``nonzeros`` a square: 1, 4, 9),
+    drawn from a handful of patterns so that many repeat exactly. Their norms and all their
+    cosine similarities are exact in float32 as in float64, so ties are exact ties."""
+    patterns = torch.zeros(max(2, count // 3), dim)
+    for row in patterns:
+        row[torch.randperm(dim, generator=generator)[:nonzeros]] = 1.0
+        row[torch.rand(dim, generator=generator) < 0.5] *= -1
+    return patterns[torch.randint(len(patterns), (count,), generator=generator)]
+
+
+def near_duplicates(count: int, dim: int, clusters: int, spread: float, generator: torch.Generator) -> torch.Tensor:
+    """(count, dim) vectors in ``clusters`` tight clusters (each a random direction plus noise of
+    size ``spread``), with norms from 0.5 to 2: cosine similarities crowd close to 1."""
+    centres = torch.randn(clusters, dim, generator=generator)
+    members = centres[torch.randint(clusters, (count,), generator=generator)]
+    vectors = members + spread * torch.randn(count, dim, generator=generator)
+    return vectors * (0.5 + 1.5 * torch.rand(count, 1, generator=generator))

@@ -11,7 +11,7 @@ from hypothesis import assume, given, settings
 from vispruner.methods import VisionSignals, get_method
 from vispruner.methods.divprune import divprune_selection
 
-from .strategies import problems
+from .strategies import exact_unit_vectors, near_duplicates, problems
 
 #: Examples where two candidates' scores are closer than this are skipped: float32 and float64
 #: may legitimately order them differently.
@@ -56,6 +56,29 @@ def test_equals_the_plain_loop_reference(problem):
     keep = divprune_selection(features, problem.num_tokens).keep
     for b, (expected, _) in enumerate(references):
         assert torch.equal(keep[b], expected)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 2, 5, 11, 23])
+def test_exact_ties_go_to_the_lowest_index(num_tokens):
+    # A few +-1 patterns, repeated, at power-of-two scales, and two zero vectors: distances are
+    # exact in float32 as in float64, and nearly every pick is a tie.
+    generator = torch.Generator().manual_seed(num_tokens)
+    features = torch.stack([exact_unit_vectors(24, 6, 4, generator) for _ in range(2)])
+    features = features * 2.0 ** torch.randint(-1, 3, (2, 24, 1), generator=generator)
+    features[:, [3, 17]] = 0.0
+    keep = divprune_selection(features, num_tokens).keep
+    for b in range(2):
+        expected, _ = reference_keep(features[b], num_tokens)
+        assert torch.equal(keep[b], expected)
+
+
+@pytest.mark.parametrize("num_tokens", [4, 8, 16])
+def test_near_duplicates(num_tokens):
+    generator = torch.Generator().manual_seed(10)
+    features = near_duplicates(32, 8, 4, 0.05, generator)
+    expected, gap = reference_keep(features, num_tokens)
+    assert MARGIN < gap < 1e-2  # close calls that float32 still resolves
+    assert torch.equal(divprune_selection(features.unsqueeze(0), num_tokens).keep[0], expected)
 
 
 def test_exact_duplicates_still_give_distinct_tokens():

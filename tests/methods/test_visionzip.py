@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from vispruner.methods import VisionSignals, get_method
 from vispruner.methods.visionzip import visionzip_selection
 
-from .strategies import problems, scores
+from .strategies import exact_unit_vectors, near_duplicates, problems, scores
 
 
 def reference(features, attention, keys, num_tokens, ratio=10 / 64):
@@ -72,6 +72,43 @@ def test_equals_the_plain_loop_reference(problem, ratio):
         assert torch.equal(selection.important[b], dominant)
         out = s.features if selection.features is None else selection.features
         torch.testing.assert_close(out[b][keep].double(), merged[keep], rtol=1e-5, atol=1e-5)
+
+
+def assert_equals_reference(features, attention, keys, num_tokens, ratio):
+    selection = visionzip_selection(features, attention, keys, num_tokens, ratio)
+    out = features if selection.features is None else selection.features
+    gaps = []
+    for b in range(features.shape[0]):
+        keep, dominant, merged, gap = reference(features[b], attention[b], keys[b], num_tokens, ratio)
+        assert torch.equal(selection.keep[b], keep)
+        assert torch.equal(selection.important[b], dominant)
+        torch.testing.assert_close(out[b][keep].double(), merged[keep], rtol=1e-5, atol=1e-5)
+        gaps.append(gap)
+    return gaps
+
+
+@pytest.mark.parametrize("num_tokens,ratio", [(4, 10 / 64), (9, 0.5), (16, 0.5), (25, 10 / 64), (40, 0.5)])
+def test_exact_ties_in_attention_and_keys(num_tokens, ratio):
+    # Attention on four levels, keys repeating a few +-1 patterns at power-of-two scales: ties
+    # straddle the dominant cut and several targets are equally similar, exactly in float32 as
+    # in float64. Of tied scores the lower index is dominant; of tied targets the first wins.
+    generator = torch.Generator().manual_seed(num_tokens)
+    features = torch.randn(2, 48, 5, generator=generator)
+    attention = torch.randint(0, 4, (2, 48), generator=generator).float() / 4
+    keys = torch.stack([exact_unit_vectors(48, 6, 4, generator) for _ in range(2)])
+    keys = keys * 2.0 ** torch.randint(-1, 3, (2, 48, 1), generator=generator)
+    assert_equals_reference(features, attention, keys, num_tokens, ratio)
+
+
+@pytest.mark.parametrize("num_tokens,ratio", [(16, 0.5), (24, 0.5), (12, 0.25)])
+def test_near_duplicate_keys(num_tokens, ratio):
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(1, 48, 5, generator=generator)
+    attention = torch.rand(1, 48, generator=generator)
+    keys = near_duplicates(48, 6, 3, 0.03, generator).unsqueeze(0)
+    gaps = assert_equals_reference(features, attention, keys, num_tokens, ratio)
+    # Close calls that float32 still resolves: the case is as near as it can be made safely.
+    assert 1e-5 < min(gaps) < 1e-2
 
 
 @pytest.mark.parametrize("num_tokens,dominant,contextual", [(64, 54, 10), (128, 108, 20), (192, 162, 30), (32, 27, 5), (1, 1, 0)])
