@@ -13,6 +13,7 @@ import vispruner
 from vispruner.methods import available_methods, get_method
 
 from .cases import FAMILIES, model_and_inputs
+from .reference import _crops, reference_images, vision_signals
 
 PATCHED = ("forward", "generate", "create_masks_for_generate")
 
@@ -128,14 +129,21 @@ def test_apply_again_replaces_and_pruned_scopes():
 
 def test_last_selection_parts():
     model, inputs = model_and_inputs("llava_next")
+    crops = _crops(model, inputs["pixel_values"], inputs["image_sizes"])
+    _, attention, _ = vision_signals(model, torch.cat(crops), need_keys=False)
+    image = reference_images(model, inputs["pixel_values"], inputs["image_sizes"], 6)[2]
     vispruner.apply(model, num_tokens=6, important_ratio=0.5)
     assert vispruner.last_selection(model) is None
     run(model, inputs)
     selection = vispruner.last_selection(model)[2]  # the 2x2 image: base + 4 crops
     assert selection.keep.shape == (5, 64) and selection.grid == (8, 8)
-    for kept, important, diverse in zip(selection.indices, selection.important_indices, selection.diverse_indices):
-        assert len(kept) == 6 and len(important) == 3
-        assert sorted(important.tolist() + diverse.tolist()) == kept.tolist()
+    scores = attention[-5:]  # the last image's crops
+    parts = zip(selection.indices, selection.important_indices, selection.diverse_indices, strict=True)
+    for crop, (kept, important, diverse) in enumerate(parts):
+        top = sorted(sorted(range(64), key=lambda patch: -float(scores[crop, patch]))[:3])
+        assert kept.tolist() == image.keep[crop].nonzero().flatten().tolist()
+        assert important.tolist() == top
+        assert diverse.tolist() == sorted(set(kept.tolist()) - set(top))
 
 
 def test_unsupported_models_raise_type_error_listing_families():

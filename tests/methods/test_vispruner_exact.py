@@ -80,7 +80,8 @@ def test_split_into_important_and_diverse():
     features = torch.randn(3, 144, 16, generator=generator)
     attention = torch.rand(3, 144, generator=generator)
     selection = vispruner_selection(features, attention, 20, 0.75)
-    assert torch.equal(selection.keep, vispruner.select(features, attention, 20, 0.75))
+    for b in range(3):
+        assert torch.equal(selection.keep[b], reference_keep(features[b], attention[b], 20, 0.75))
     assert selection.important.sum(1).tolist() == [15, 15, 15]
     assert not (selection.important & ~selection.keep).any()
     top = attention.argsort(dim=1, descending=True)[:, :15]
@@ -102,12 +103,3 @@ def test_zero_feature_vectors_do_not_produce_nan():
     assert selection.keep.sum().item() == 10
     expected = reference_keep(features[0], attention[0], 10, 0.5)
     assert torch.equal(selection.keep[0], expected)
-
-
-def test_gradients_flowing_do_not_change_the_result():
-    features = torch.randn(2, 64, 8, requires_grad=True)
-    attention = torch.rand(2, 64, requires_grad=True)
-    with_grad = vispruner.select(features, attention, 12)
-    with torch.no_grad():
-        without = vispruner.select(features, attention, 12)
-    assert torch.equal(with_grad, without)
