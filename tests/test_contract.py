@@ -23,6 +23,10 @@ from vispruner.methods import available_methods, get_method
 from .adapters.cases import BUILDERS, FAMILIES, SIZES, TEXTS
 from .adapters.reference import _crops, _layout
 from .tiny_models import tiny_inputs
+from .tiny_qwen import BUILDERS as QWEN_BUILDERS
+from .tiny_qwen import FRAMES_SEPARATED, tiny_qwen_inputs
+from .tiny_qwen import IMAGE_ID as QWEN_IMAGE_ID
+from .tiny_qwen import VIDEO_ID as QWEN_VIDEO_ID
 
 NUM_TOKENS = 5
 STEPS = 3
@@ -124,3 +128,64 @@ def test_method_through_apply(family, method):
     assert all(seen[i] == full for i in range(cut))
     assert all(seen[i] == expected for i in range(cut, len(layers)))
     assert all(e < f for e, f in zip(expected, full))
+
+
+#: Two left-padded rows: a video of 3 temporal groups; an image and a video of 2 groups.
+QWEN_PROMPTS = [["w1", ("video", 3, 4, 4), "w2"], ["w3", ("image", 6, 4), "w4", ("video", 2, 4, 6), "w5", "w6", "w7"]]
+
+
+def qwen_kept(prompt: list, num_tokens: int) -> int:
+    """Merged tokens kept of one prompt's images and videos, worked out from the budget rules."""
+    kept = 0
+    for part in prompt:
+        if isinstance(part, tuple):
+            t, h, w = (1, *part[1:]) if part[0] == "image" else part[1:]
+            shares = [max(1, num_tokens // t + (i < num_tokens % t)) for i in range(t)]
+            kept += sum(min(share, h * w // 4) for share in shares)
+    return kept
+
+
+@pytest.mark.parametrize("family", tuple(QWEN_BUILDERS))
+@pytest.mark.parametrize("method", available_methods())
+def test_method_through_apply_on_qwen(family, method):
+    model = QWEN_BUILDERS[family](text_layers=TEXT_LAYERS)
+    inputs = tiny_qwen_inputs(QWEN_PROMPTS, frames_separated=family in FRAMES_SEPARATED)
+    stage = get_method(method).stage
+    if stage == "llm" and family == "qwen3_5":
+        with pytest.raises(TypeError, match="softmax attention in every decoder layer"):
+            vispruner.apply(model, NUM_TOKENS, method=method)
+        return
+    stock = generate(model, inputs)
+    vispruner.apply(model, 10**6, method=method)
+    everything = generate(model, inputs)
+    assert torch.equal(everything.sequences, stock.sequences)
+    for mine, theirs in zip(everything.logits, stock.logits, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+    vispruner.apply(model, NUM_TOKENS, method=method)
+    seen: dict[int, list[int]] = {}
+
+    def record(index):
+        def hook(module, args, kwargs):
+            mask = kwargs.get("attention_mask")
+            if index not in seen and mask is not None and mask.ndim == 4:  # the prefill, softmax layers
+                seen[index] = mask[:, 0, -1].sum(-1).tolist()
+        return hook
+
+    layers = model.model.language_model.layers
+    handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    visual = (inputs["input_ids"] == QWEN_IMAGE_ID) | (inputs["input_ids"] == QWEN_VIDEO_ID)
+    text = (inputs["attention_mask"].bool() & ~visual).sum(dim=1).tolist()
+    expected = [count + qwen_kept(prompt, NUM_TOKENS) for count, prompt in zip(text, QWEN_PROMPTS)]
+    full = inputs["attention_mask"].sum(dim=1).tolist()
+    cut = FASTV_LAYER if stage == "llm" else 0
+    assert seen, "no decoder layer saw the prefill"
+    assert all(seen[i] == (full if i < cut else expected) for i in seen)
+    assert all(e < f for e, f in zip(expected, full))
+    kinds = [selection.modality for selection in vispruner.last_selection(model)]
+    assert kinds == ["image", "video", "video"]

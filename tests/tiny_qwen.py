@@ -94,9 +94,9 @@ def _qwen3_text(layers: int, **extra) -> dict:
 
 
 def tiny_qwen3_vl(seed: int = 0, attn_implementation: str = "sdpa", text_layers: int = 2):
-    """Qwen3-VL-shaped: deepstack features of vision block 0 added to the first decoder layer's visual tokens."""
+    """Qwen3-VL-shaped: deepstack features of vision blocks 0 and 1 added to the visual tokens after decoder layers 0 and 1."""
     config = Qwen3VLConfig(
-        vision_config=_qwen3_vision(deepstack_visual_indexes=[0]), text_config=_qwen3_text(text_layers), **_ids()
+        vision_config=_qwen3_vision(deepstack_visual_indexes=[0, 1]), text_config=_qwen3_text(text_layers), **_ids()
     )
     torch.manual_seed(seed)
     return _finish(Qwen3VLForConditionalGeneration(config), attn_implementation)

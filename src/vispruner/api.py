@@ -55,7 +55,8 @@ def apply(
             (the default of vision-stage methods, as in the papers): renumbered 0, 1, 2, ... as
             if the short sequence had been the prompt. ``"original"`` (FastV's only setting, its
             default): each kept token keeps the position it has in the unpruned prompt, and
-            decoding continues after the unpruned length.
+            decoding continues after the unpruned length. Qwen-VL models take ``"original"``
+            only (their default): kept tokens keep their 3D M-RoPE positions.
         **options: the method's own options, each checked against its range in ``Method.options``.
 
     Vision-stage methods prune before the language model. ``method="fastv"`` prunes inside it:
@@ -95,8 +96,14 @@ def apply(
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {', '.join(map(repr, BUDGETS))}; got {budget!r}")
     if positions is None:
-        positions = "original" if chosen.stage == "llm" else "compacted"
-    settings = Settings(chosen, num_tokens, options, budget, keep_ratio, check_positions(positions))
+        positions = "original" if chosen.stage == "llm" or family.original_positions_only else "compacted"
+    positions = check_positions(positions)
+    if family.original_positions_only and positions != "original":
+        raise ValueError(
+            f"{family.name} keeps the 3D M-RoPE positions of the unpruned prompt; positions must be 'original' "
+            f"(the default for it); got {positions!r}"
+        )
+    settings = Settings(chosen, num_tokens, options, budget, keep_ratio, positions)
     if chosen.stage == "llm":
         from .adapters.llm_stage import LanguageStagePruner
 

@@ -183,3 +183,25 @@ def test_keep_ratio_share_of_each_image():
     model.generate(**inputs, max_new_tokens=1, do_sample=False)
     # 0.3 x (6, 16, 4) tokens = 1.8, 4.8, 1.2 -> 2, 5, 1 (half up, at least 1).
     assert [int(s.keep.sum()) for s in vispruner.last_selection(model)] == [2, 5, 1]
+
+
+def test_fastv_cut_before_a_deepstack_layer_adds_features_to_kept_tokens_only():
+    # Deepstack features are added after decoder layers 0 and 1; the cut is before layer 1.
+    model = BUILDERS["qwen3_vl"](text_layers=3)
+    inputs = inputs_for("qwen3_vl", MIXED)
+    added = []
+    stock = model.model.language_model._deepstack_process
+
+    def spy(hidden_states, visual_pos_masks, visual_embeds):
+        added.append((hidden_states.shape[1], int(visual_pos_masks.sum()), visual_embeds.shape[0]))
+        return stock(hidden_states, visual_pos_masks, visual_embeds)
+
+    model.model.language_model._deepstack_process = spy
+    vispruner.apply(model, 2, method="fastv", layer=1)
+    model(**inputs)
+    full = inputs["input_ids"].shape[1]
+    visual = int(((inputs["input_ids"] == IMAGE_ID) | (inputs["input_ids"] == 6)).sum())
+    (length0, masked0, rows0), (length1, masked1, rows1) = added
+    assert (length0, masked0, rows0) == (full, visual, visual)
+    kept = sum(int(s.keep.sum()) for s in vispruner.last_selection(model))
+    assert length1 < full and masked1 == rows1 == kept

@@ -32,8 +32,8 @@ from torch import nn
 from ..methods.fastv import DEFAULT_LAYER, LanguageSignals, check_layer
 from .attention_row import ProjectionCapture, head_averaged_row
 from .patching import InstancePatch, bind_arguments
-from .sequence import CompactedPrefix, compact
-from .vision_stage import PRUNER, Family, ImageSelection, Item, Settings
+from .sequence import CompactedPrefix, CompactedSequence, compact
+from .vision_stage import PRUNER, Family, ImageSelection, Item, Modality, Settings, shared_tokens
 
 #: Attribute of a KV cache whose layers from K on hold a compacted prefill: its :class:`CompactedPrefix`.
 PREFIX = "_vispruner_llm_prefix"
@@ -51,6 +51,18 @@ class _Step:
     #: Keyword arguments every layer from K on receives instead of the model's.
     replacements: dict[str, Any] = field(default_factory=dict)
     prefix: CompactedPrefix | None = None
+    #: The prefill's compaction at layer K (None before the cut or without one).
+    short: CompactedSequence | None = None
+
+
+@dataclass
+class _Placed:
+    """One item where it stands in the prompt: its placeholder sources (see ``_sources``), and
+    whether it is the first copy of its row (beam search repeats rows)."""
+
+    item: Item
+    sources: torch.Tensor
+    first_copy: bool
 
 
 class LanguageStagePruner:
@@ -71,28 +83,31 @@ class LanguageStagePruner:
             )
         self.settings = replace(settings, options=options)
         _check_language_model(self.language_model, self.layer)
-        if len(family.modalities) != 1:
-            raise TypeError(f"fastv does not support {family.name} yet; choose a vision-stage method")
         self.vision = family.vision(model)
-        (self.modality,) = family.modalities
-        #: Per image at the last pruned prefill: crop keep masks over the patch grids.
+        #: Per image (then per video) at the last pruned prefill: keep masks over the token grids.
         self.last: list[ImageSelection] | None = None
         #: (B, L) bool: the prompt tokens that decoder layers from K on saw at the last prefill.
         self.last_tokens: torch.Tensor | None = None
-        #: The items of the last image-feature call, and its arguments.
-        self._items: list[Item] | None = None
-        self._encoder_arguments: dict[str, Any] = {}
-        #: input_ids of the prefill under way, and each image's placeholder sources in it.
+        #: Per modality, the items of its last feature call, and that call's arguments.
+        self._items: dict[str, list[Item]] = {}
+        self._encoder_arguments: dict[str, dict[str, Any]] = {}
+        #: input_ids of the prefill under way; per modality present, its items in reading order.
         self._prompt_ids: torch.Tensor | None = None
-        self._sources_now: list[torch.Tensor] = []
+        self._placed_now: dict[str, list[_Placed]] = {}
+        #: Token budget of each group id of the prefill under way.
+        self._budgets: dict[int, int] = {}
         self._step: _Step | None = None
         self._patch = InstancePatch()
         self._handles: list[Any] = []
+        self._encoding = False
 
     def install(self) -> None:
-        self._patch.wrap(self.model.model, self.modality.encoder, self._get_image_features)
+        for modality in self.family.modalities:
+            self._patch.wrap(self.model.model, modality.encoder, self._encoder(modality))
         self._patch.wrap(self.model, "forward", self._forward)
         self._patch.wrap(self.language_model, "forward", self._language_forward)
+        if hasattr(self.language_model, "_deepstack_process"):
+            self._patch.wrap(self.language_model, "_deepstack_process", self._deepstack)
         self._handles = [self.layers[self.layer].register_forward_pre_hook(self._cut, with_kwargs=True)]
         self._handles += [
             layer.register_forward_pre_hook(self._follow, with_kwargs=True) for layer in self.layers[self.layer + 1 :]
@@ -108,21 +123,35 @@ class LanguageStagePruner:
 
     # -- which tokens compete ------------------------------------------------------------------
 
-    def _get_image_features(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        self._encoder_arguments = bind_arguments(original, args, kwargs)
-        self._items = self.vision.items(self.modality, self._encoder_arguments)
-        return original(*args, **kwargs)
+    def _encoder(self, modality: Modality) -> Callable[..., Any]:
+        def wrapper(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            # Qwen3-VL's get_video_features calls get_image_features: the outer call counts.
+            if self._encoding:
+                return original(*args, **kwargs)
+            arguments = bind_arguments(original, args, kwargs)
+            self._encoder_arguments[modality.name] = arguments
+            self._items[modality.name] = self.vision.items(modality, arguments)
+            self._encoding = True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._encoding = False
+
+        return wrapper
 
     def _forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         arguments = bind_arguments(original, args, kwargs)
         cache = arguments.get("past_key_values")
         encoded = arguments.get("mm_encoder_outputs") or {}
-        images = arguments.get("pixel_values") is not None or encoded.get("image") is not None
+        images = any(
+            arguments.get(modality.pixels) is not None or encoded.get(modality.name) is not None
+            for modality in self.family.modalities
+        )
         if cache is None or cache.get_seq_length() == 0:
             self.last_tokens = None
             if images:
                 if arguments.get("input_ids") is None:
-                    raise NotImplementedError("fastv finds the image tokens in input_ids; got inputs_embeds only")
+                    raise NotImplementedError("fastv finds the visual tokens in input_ids; got inputs_embeds only")
                 # Grouped inside the language model's call: the image features (and with them the
                 # crops of each image) are computed after this point when pixel_values are given.
                 self._prompt_ids = arguments["input_ids"]
@@ -139,30 +168,72 @@ class LanguageStagePruner:
             )
         return output
 
-    def _token_groups(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
-        """(B, L) group ids of the prompt, and each image's placeholder sources (see :meth:`_sources`)."""
-        is_image = input_ids == self._token_id()
-        if self._items is None or not bool(is_image.any()):
-            return None
-        sources = self._sources(input_ids.device)
-        flat = torch.cat(sources)
-        if flat.numel() != int(is_image.sum()):
-            return None  # a placeholder mismatch, which the stock forward reports in its own words
-        lengths = torch.tensor([len(s) for s in sources], device=flat.device)
-        image = torch.repeat_interleave(torch.arange(len(sources), device=flat.device), lengths)
-        if self.settings.budget == "per_crop":
-            pieces = [item.pieces for item in self._items]
-            first_piece = torch.tensor([0, *pieces[:-1]], device=flat.device).cumsum(0)
-            per_piece = torch.tensor([item.per_piece for item in self._items], device=flat.device)
-            owner = first_piece[image] + flat.div(per_piece[image], rounding_mode="floor")
-        else:
-            owner = image
+    def _token_groups(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, list[_Placed]]] | None:
+        """(B, L) group ids of the prompt, and per modality its items in reading order (see
+        :meth:`_placements`); sets the budget of each group."""
         groups = torch.full_like(input_ids, -1)
-        groups[is_image] = torch.where(flat >= 0, owner, -1)
-        return groups, sources
+        placed_now: dict[str, list[_Placed]] = {}
+        self._budgets = {}
+        settings = self.settings
+        for modality in self.family.modalities:
+            is_item = input_ids == getattr(self.model.config, modality.token_id)
+            if modality.name not in self._items or not bool(is_item.any()):
+                continue
+            placed = self._placements(modality, is_item)
+            if placed is None:
+                return None  # a placeholder mismatch, which the stock forward reports in its own words
+            flat = torch.cat([entry.sources for entry in placed])
+            lengths = torch.tensor([len(entry.sources) for entry in placed], device=flat.device)
+            index = torch.repeat_interleave(torch.arange(len(placed), device=flat.device), lengths)
+            first = len(self._budgets)
+            if settings.budget == "per_crop":
+                pieces = [entry.item.pieces for entry in placed]
+                first_piece = torch.tensor([0, *pieces[:-1]], device=flat.device).cumsum(0)
+                per_piece = torch.tensor([entry.item.per_piece for entry in placed], device=flat.device)
+                owner = first + first_piece[index] + flat.div(per_piece[index], rounding_mode="floor")
+                for entry in placed:
+                    shares = [settings.num_tokens] * entry.item.pieces
+                    if self.family.shared_piece_budget and settings.keep_ratio is None:
+                        shares = shared_tokens(settings.num_tokens, entry.item.pieces)
+                    self._budgets.update((len(self._budgets), share) for share in shares)
+            else:
+                owner = first + index
+                self._budgets.update((len(self._budgets), settings.num_tokens) for _ in placed)
+            groups[is_item] = torch.where(flat >= 0, owner, -1)
+            placed_now[modality.name] = placed
+        if not placed_now:
+            return None
+        if settings.keep_ratio is not None:
+            ids, sizes = torch.unique(groups[groups >= 0], return_counts=True)
+            self._budgets = {group: settings.tokens_for(size) for group, size in zip(ids.tolist(), sizes.tolist())}
+        return groups, placed_now
 
-    def _sources(self, device: torch.device) -> list[torch.Tensor]:
-        """Per image, (P,) long: for each of its placeholder tokens, ``piece * N + patch``, or -1 for a
+    def _placements(self, modality: Modality, is_item: torch.Tensor) -> list[_Placed] | None:
+        """The modality's items in reading order over the batch, or None if they do not fit.
+
+        Beam search and ``num_return_sequences`` repeat each prompt (consecutive rows) after the
+        features were computed: each copy of a row then holds the same items again.
+        """
+        items = self._items[modality.name]
+        sources = self._sources(modality, is_item.device)
+        total, found = sum(len(s) for s in sources), int(is_item.sum())
+        copies = found // total if total else 0
+        if copies == 0 or found != copies * total or is_item.shape[0] % copies:
+            return None
+        placed, pointer = [], 0
+        for count in is_item[::copies].sum(dim=1).tolist():
+            taken, size = [], 0
+            while size < count and pointer < len(items):
+                taken.append(pointer)
+                size += len(sources[pointer])
+                pointer += 1
+            if size != count:
+                return None
+            placed += [_Placed(items[i], sources[i], copy == 0) for copy in range(copies) for i in taken]
+        return placed
+
+    def _sources(self, modality: Modality, device: torch.device) -> list[torch.Tensor]:
+        """Per item, (P,) long: for each of its placeholder tokens, ``piece * N + patch``, or -1 for a
         newline token (LLaVA-NeXT), in the order the model lays them out.
 
         The family's ``pack`` only moves, drops and inserts newline flags set to True, so packing
@@ -171,13 +242,13 @@ class LanguageStagePruner:
         """
         codes = [
             torch.arange(item.pieces * item.per_piece, device=device).view(item.pieces, item.per_piece)
-            for item in self._items
+            for item in self._items[modality.name]
         ]
         bits = max(code.numel() for code in codes).bit_length()
         total = None
         for bit in range(bits):
             flags = [(code >> bit) & 1 == 1 for code in codes]
-            packed = self.vision.pack(self.modality, flags, self._encoder_arguments)
+            packed = self.vision.pack(modality, flags, self._encoder_arguments[modality.name])
             planes = [flags.to(device).long() << bit for flags in packed]
             total = planes if total is None else [t + p for t, p in zip(total, planes)]
         newline = (1 << bits) - 1
@@ -196,7 +267,7 @@ class LanguageStagePruner:
         if prefill and self._prompt_ids is not None:
             grouped = self._token_groups(self._prompt_ids)
             if grouped is not None:
-                step.groups, self._sources_now = grouped
+                step.groups, self._placed_now = grouped
         if step.groups is not None or hasattr(cache, PREFIX):
             if getattr(cache, "is_compileable", False):
                 raise NotImplementedError("fastv needs a dynamic KV cache (the default); static caches are not supported")
@@ -250,6 +321,7 @@ class LanguageStagePruner:
     ) -> torch.Tensor:
         batch, length = keep.shape
         short = compact(keep, inputs_embeds=hidden, attention_mask=step.attention_mask)
+        step.short = short
         self.last_tokens = short.keep  # without the padding, which compact() drops as well
 
         def along(values: torch.Tensor) -> torch.Tensor:
@@ -267,6 +339,19 @@ class LanguageStagePruner:
         step.prefix = short.prefix
         return short.inputs_embeds
 
+    def _deepstack(
+        self, original: Callable[..., Any], hidden_states: torch.Tensor, visual_pos_masks: torch.Tensor,
+        visual_embeds: torch.Tensor,
+    ) -> torch.Tensor:
+        """Qwen3-VL adds deepstack features to the visual tokens after early decoder layers; after
+        the cut, only to the kept ones."""
+        step = self._step
+        if step is not None and step.short is not None and visual_pos_masks.shape[1] != hidden_states.shape[1]:
+            keep = step.short.keep.to(visual_pos_masks.device)
+            visual_embeds = visual_embeds[keep[visual_pos_masks].to(visual_embeds.device)]
+            visual_pos_masks = step.short.gather(visual_pos_masks & keep)
+        return original(hidden_states, visual_pos_masks, visual_embeds)
+
     def _mask(self, hidden: torch.Tensor, mask: torch.Tensor | None, cache: Any) -> Any:
         from transformers.masking_utils import create_causal_mask
 
@@ -281,29 +366,31 @@ class LanguageStagePruner:
         )
 
     def _record(self, keep: torch.Tensor) -> None:
-        """Note what the layers from K on see: :attr:`last_tokens`, and :attr:`last` per image."""
+        """Note what the layers from K on see: :attr:`last_tokens`, and :attr:`last` per item."""
         self.last_tokens = keep
-        is_image = self._prompt_ids == self._token_id()
-        kept = keep.to(is_image.device)[is_image].split([len(s) for s in self._sources_now])
         self.last = []
-        for item, sources, flags in zip(self._items, self._sources_now, kept):
-            grid = torch.zeros(item.pieces * item.per_piece, dtype=torch.bool, device=flags.device)
-            grid[sources[flags & (sources >= 0)]] = True
-            self.last.append(ImageSelection(grid.view(item.pieces, -1), None, item.grid, self.modality.name))
-
-    def _token_id(self) -> int:
-        return getattr(self.model.config, self.modality.token_id)
+        for modality in self.family.modalities:
+            placed = self._placed_now.get(modality.name)
+            if placed is None:
+                continue
+            is_item = self._prompt_ids == getattr(self.model.config, modality.token_id)
+            kept = keep.to(is_item.device)[is_item].split([len(entry.sources) for entry in placed])
+            for entry, flags in zip(placed, kept):
+                if not entry.first_copy:
+                    continue
+                item, sources = entry.item, entry.sources
+                grid = torch.zeros(item.pieces * item.per_piece, dtype=torch.bool, device=flags.device)
+                grid[sources[flags & (sources >= 0)]] = True
+                self.last.append(ImageSelection(grid.view(item.pieces, -1), None, item.grid, modality.name))
 
     def _choose(self, scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-        """(B, L) keep mask: ``num_tokens`` per group, or with ``keep_ratio`` that share of each group."""
+        """(B, L) keep mask: each group's budget (``num_tokens``, its share, or ``keep_ratio`` of it)."""
         settings = self.settings
-        if settings.keep_ratio is None:
-            return settings.method.select(LanguageSignals(scores, groups), settings.num_tokens, **settings.options).keep
+        budget_of = torch.full((len(self._budgets) + 1,), -1, dtype=torch.long, device=groups.device)
+        for group, budget in self._budgets.items():
+            budget_of[group] = budget
         # Groups with equal budgets are chosen together; the others count as always kept meanwhile.
-        ids, sizes = torch.unique(groups[groups >= 0], return_counts=True)
-        budgets = torch.full_like(groups, -1)
-        for group, size in zip(ids.tolist(), sizes.tolist()):
-            budgets[groups == group] = settings.tokens_for(size)
+        budgets = torch.where(groups >= 0, budget_of[groups.clamp_min(0)], -1)
         keep = torch.ones_like(groups, dtype=torch.bool)
         for budget in torch.unique(budgets[budgets >= 0]).tolist():
             chosen = torch.where(budgets == budget, groups, -1)
@@ -350,20 +437,29 @@ class _LastTokenAttention(ProjectionCapture):
         rotate = sys.modules[type(self.attention).__module__].apply_rotary_pos_emb
         cos, sin = self._rotary
         query = query.view(batch, -1, 1, width)
+        keys = keys.view(batch, length, -1, width)
+        if hasattr(self.attention, "q_norm"):  # Qwen3: per-head RMS norms before the rotary embedding
+            query, keys = self.attention.q_norm(query), self.attention.k_norm(keys)
         query = rotate(query, query, cos[rows, self._last].unsqueeze(1), sin[rows, self._last].unsqueeze(1))[0]
-        keys = keys.view(batch, length, -1, width).transpose(1, 2)
-        keys = rotate(keys, keys, cos, sin)[0]
+        keys = rotate(keys.transpose(1, 2), keys.transpose(1, 2), cos, sin)[0]
         self._step.scores = head_averaged_row(query.squeeze(2), keys, self.attention.scaling, self._visible)
 
 
 def _check_language_model(language_model: nn.Module, layer: int) -> None:
     config = language_model.config
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"} or not all(hasattr(block, "self_attn") for block in language_model.layers):
+        raise TypeError(
+            f"fastv needs softmax attention in every decoder layer; this language model has {sorted(kinds)} layers "
+            "(e.g. Qwen3.5's linear attention); choose a vision-stage method"
+        )
     attention = language_model.layers[layer - 1].self_attn
     needed = ("q_proj", "k_proj", "head_dim", "scaling")
     rotary = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
-    if not all(hasattr(attention, name) for name in needed) or rotary is None or hasattr(attention, "q_norm"):
+    normed = hasattr(attention, "q_norm") == hasattr(attention, "k_norm")
+    if not all(hasattr(attention, name) for name in needed) or rotary is None or not normed:
         raise TypeError(
             f"fastv supports Llama-style language models (rotary q_proj/k_proj attention); got {type(attention).__name__}"
         )
-    if getattr(config, "sliding_window", None) is not None:
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
         raise TypeError("fastv does not support sliding-window attention in the language model")

@@ -17,4 +17,5 @@ FAMILY = Family(
     positions=RopePositions(),
     streams=STREAMS,
     shared_piece_budget=True,
+    original_positions_only=True,
 )

@@ -21,4 +21,5 @@ FAMILY = Family(
     streams=STREAMS,
     item_streams=("deepstack_features",),
     shared_piece_budget=True,
+    original_positions_only=True,
 )

@@ -181,6 +181,8 @@ class Family:
         shared_piece_budget: with ``budget="per_crop"``, whether ``num_tokens`` is shared by an
             item's pieces (Qwen-VL video: each temporal group gets its share) rather than given
             to each piece (LLaVA-NeXT crops, the authors' setting).
+        original_positions_only: whether ``positions="original"`` is the only setting (3D
+            positions gathered from the unpruned prompt have no renumbered counterpart).
     """
 
     name: str
@@ -192,6 +194,7 @@ class Family:
     streams: tuple[str, ...] = ()
     item_streams: tuple[str, ...] = ()
     shared_piece_budget: bool = False
+    original_positions_only: bool = False
 
 
 @dataclass
@@ -275,6 +278,7 @@ class VisionStagePruner:
         #: (B, L) bool: the tokens of the last pruned prefill that reached the language model.
         self.last_tokens: torch.Tensor | None = None
         self._patch = InstancePatch()
+        self._encoding = False
 
     def install(self) -> None:
         from transformers.generation.utils import create_masks_for_generate
@@ -295,7 +299,14 @@ class VisionStagePruner:
 
     def _encoder(self, modality: Modality) -> Callable[..., Any]:
         def wrapper(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            return self._encode(modality, original, args, kwargs)
+            # Qwen3-VL's get_video_features calls get_image_features: the outer call selects.
+            if self._encoding:
+                return original(*args, **kwargs)
+            self._encoding = True
+            try:
+                return self._encode(modality, original, args, kwargs)
+            finally:
+                self._encoding = False
 
         return wrapper
 
