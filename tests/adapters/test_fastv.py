@@ -122,5 +122,5 @@ def test_refusals_name_the_reason():
         model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
     embeds = model.get_input_embeddings()(inputs["input_ids"])
     fields = {k: v for k, v in inputs.items() if k != "input_ids"}
-    with pytest.raises(NotImplementedError, match="finds the image tokens in input_ids"):
+    with pytest.raises(NotImplementedError, match=r"finds the image \(and video\) tokens in input_ids"):
         model(inputs_embeds=embeds, **fields)

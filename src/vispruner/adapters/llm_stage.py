@@ -151,7 +151,7 @@ class LanguageStagePruner:
             self.last_tokens = None
             if images:
                 if arguments.get("input_ids") is None:
-                    raise NotImplementedError("fastv finds the visual tokens in input_ids; got inputs_embeds only")
+                    raise NotImplementedError("fastv finds the image (and video) tokens in input_ids; got inputs_embeds only")
                 # Grouped inside the language model's call: the image features (and with them the
                 # crops of each image) are computed after this point when pixel_values are given.
                 self._prompt_ids = arguments["input_ids"]
