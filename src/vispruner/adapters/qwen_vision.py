@@ -176,6 +176,12 @@ class RopePositions:
     """
 
     def prefill(self, model: nn.Module, arguments: dict[str, Any]) -> torch.Tensor:
+        if arguments.get("input_ids") is None:
+            # Without ids the stock model falls back on 1D positions or a stale rope_deltas.
+            raise ValueError(
+                "pruning a Qwen-VL prompt needs input_ids (its 3D positions are computed from them); "
+                "got inputs_embeds only"
+            )
         given = arguments.get("position_ids")
         if given is not None:
             if given.ndim == 3 and given.shape[0] == 4:
@@ -192,8 +198,8 @@ class RopePositions:
         positions = inner.compute_3d_position_ids(**call, past_key_values=None)  # also sets rope_deltas
         if positions is None:
             raise ValueError(
-                "pruning a Qwen-VL prompt needs input_ids and mm_token_type_ids (as the processor returns them) "
-                "to compute the 3D positions of the unpruned prompt"
+                "pruning a Qwen-VL prompt needs mm_token_type_ids (as the processor returns them) to compute "
+                "the 3D positions of the unpruned prompt"
             )
         return torch.cat([_text_positions(arguments, positions.shape[1:]).unsqueeze(0).to(positions), positions])
 
