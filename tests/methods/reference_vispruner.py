@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from vispruner.methods.vispruner import residual_similarity
+
 
 def reference_keep(features: torch.Tensor, attention: torch.Tensor, num_tokens: int, ratio: float) -> torch.Tensor:
     """features (N, C), attention (N,) or (H, N) -> (N,) bool."""
@@ -34,4 +36,31 @@ def reference_keep(features: torch.Tensor, attention: torch.Tensor, num_tokens: 
         listed = [side_a[i] for i in survivors] + side_b
     keep = torch.zeros(tokens, dtype=torch.bool)
     keep[important + listed] = True
+    return keep
+
+
+def plain_keep(features: torch.Tensor, attention: torch.Tensor, num_tokens: int, ratio: float) -> torch.Tensor:
+    """features (N, C), attention (N,) or (H, N) -> (N,) bool: the same loop, but reading the
+    similarity the library computes once (``residual_similarity``), so that inputs of any size
+    compare exactly, with no last-bit difference from recomputing it in other shapes."""
+    scores = attention.float().mean(0) if attention.ndim == 2 else attention.float()
+    tokens = features.shape[0]
+    important_count = min(int(num_tokens * ratio), tokens)
+    diverse_count = min(num_tokens, tokens) - important_count
+    ranked = scores.argsort(descending=True)
+    important, residual = ranked[:important_count], ranked[important_count:]
+    similarity = residual_similarity(features[None], residual[None])[0]
+    listed = torch.arange(residual.numel())
+    while listed.numel() > diverse_count:
+        side_a, side_b = listed[0::2], listed[1::2]
+        drop = min(8, listed.numel() - diverse_count, side_a.numel())
+        if side_b.numel():
+            closeness = similarity[side_a][:, side_b].max(dim=1).values
+        else:
+            closeness = torch.zeros(side_a.numel())
+        survivors = closeness.argsort(descending=True)[drop:]
+        listed = torch.cat([side_a[survivors], side_b])
+    keep = torch.zeros(tokens, dtype=torch.bool)
+    keep[important] = True
+    keep[residual[listed]] = True
     return keep

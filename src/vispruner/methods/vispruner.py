@@ -6,6 +6,10 @@ in VLMs", ICCV 2025, https://arxiv.org/abs/2412.01818
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
+
 import torch
 
 from ._checks import check_attention, check_features, check_num_tokens, check_ratio, require_signal
@@ -40,9 +44,12 @@ def vispruner_selection(
     ``T_div = min(T, N) - T_imp`` remain, split the list by position into A (even) and B (odd),
     score each token of A by its highest cosine similarity to B, drop the most similar tokens of
     A, and continue with the surviving A (most similar first) followed by B. Similarities are
-    computed once, in float32, on L2-normalised features (zero vectors stay zero, so padding
-    has similarity 0, never NaN), which gives the same masks as the authors' code wherever it
-    runs.
+    computed once (:func:`residual_similarity`: float32, L2-normalised features, zero vectors
+    stay zero, so padding has similarity 0, never NaN), which gives the same masks as the
+    authors' code wherever it runs. Each token's most similar tokens are listed once (again
+    whenever the list halves), so a step finds each A token's highest similarity to B in a few
+    probes, exactly: the whole selection costs about as much as the similarity, O(N^2 C), not
+    O(N^3).
 
     Where the authors' code crashes, this keeps their rule and stays total:
       * an odd list length: A (even positions) has one token more than B, as the split gives;
@@ -50,8 +57,13 @@ def vispruner_selection(
       * a step that would drop more than half: each step drops
         ``min(8, R - T_div, ceil(R / 2))`` tokens, never more than A holds, and the loop
         continues with smaller steps until ``T_div`` remain.
-    Exact ties in attention or similarity are ordered by ``torch.argsort``, as in the authors'
-    code, so that float ties (they occur: one golden case has one) resolve the same way.
+    Ties: the importance ranking is ``torch.argsort(scores, dim=1, descending=True)`` of the
+    head-averaged float32 scores and each step ranks A by ``torch.argsort(closeness, dim=1,
+    descending=True)``, both with torch's default, *unstable* sort, as in the authors' code.
+    Tied scores (common: bfloat16 attention has a few hundred distinct values among 576) are
+    therefore ordered as that sort orders them, not by position; ``stable=True`` would pick a
+    different important set and residual order, and the golden masks (one case has a float
+    tie) would no longer all match.
     """
     features = check_features(features)
     batch, tokens, _ = features.shape
@@ -112,48 +124,145 @@ def _remove_duplicates(features: torch.Tensor, residual: torch.Tensor, budget: i
     if budget == 0:
         # Nothing survives (FasterVLM, important_ratio=1): skip the similarity and the loop.
         return residual[:, :0]
+    partners = _Partners(residual_similarity(features, residual))
+    # ``members`` (B, L): the tokens of ``residual`` that ``partners`` covers; ``order`` lists
+    # them (by ``partners``' flat numbering) in the published order.
+    members = residual
+    order = partners.listed()
+    while order.shape[1] > budget:
+        if 2 * order.shape[1] <= partners.length:
+            # Restrict to the tokens still listed, so that a token's partners are mostly listed.
+            members = torch.gather(members, 1, partners.positions(order))
+            partners = partners.restricted(order)
+            order = partners.listed()
+        with _serial(order.device):
+            order = _step(partners, order, budget)
+    return torch.gather(members, 1, partners.positions(order))
+
+
+def _step(partners: _Partners, order: torch.Tensor, budget: int) -> torch.Tensor:
+    """One step of duplicate removal on the list ``order`` (B, R): the next list."""
+    side_a, side_b = order[:, 0::2], order[:, 1::2]
+    drop = min(STEP, order.shape[1] - budget, side_a.shape[1])
+    if side_b.shape[1] == 0:
+        closeness = torch.zeros(side_a.shape, device=order.device)
+    else:
+        closeness = partners.closest(side_a, side_b)
+    survivors = torch.argsort(closeness, dim=1, descending=True)[:, drop:]
+    return torch.cat([torch.gather(side_a, 1, survivors), side_b], dim=1)
+
+
+@contextlib.contextmanager
+def _serial(device: torch.device) -> Iterator[None]:
+    """Run CPU ops on the calling thread alone. A step is a dozen small ops; with several
+    threads each ends in an OpenMP barrier, and on a busy CPU every barrier waits for a core
+    (a step then costs milliseconds instead of microseconds)."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def residual_similarity(features: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """The similarity VisPruner's duplicate removal reads: (B, R, R) float32 cosine similarity
+    among the tokens ``residual`` (B, R) of ``features`` (B, N, C), in that order.
+
+    It is computed once, on L2-normalised float32 features (zero vectors stay zero), by one
+    fixed sequence of matrix products. Matrix products of other shapes may round the last bit
+    differently, so whatever must see the same values calls this function.
+    """
     unit = _rows(features, residual).float()
     # In place: a fresh (B, R, C) buffer costs more in page faults than the division itself.
     unit.div_(torch.linalg.vector_norm(unit, dim=-1, keepdim=True).clamp_min_(1e-12))
-    # The float32 similarity among the residual tokens is computed once; the steps only read it.
-    similarity = _self_similarity(unit)
-    # ``members`` (B, L) are positions in ``residual`` that ``similarity`` (B, L, L) covers;
-    # ``order`` lists positions in ``members`` in the published order.
-    members = torch.arange(length, device=residual.device).expand(batch, length)
-    order = members
-    while order.shape[1] > budget:
-        remaining, covered = order.shape[1], members.shape[1]
-        if 2 * remaining <= covered:
-            # Shrink the matrix to the tokens still listed, so that row copies stay short.
-            similarity = _submatrix(similarity, order)
-            members = torch.gather(members, 1, order)
-            order = torch.arange(remaining, device=order.device).expand(batch, remaining)
-            covered = remaining
-        side_a, side_b = order[:, 0::2], order[:, 1::2]
-        size_a, size_b = side_a.shape[1], side_b.shape[1]
-        drop = min(STEP, remaining - budget, size_a)
-        if size_b == 0:
-            closeness = torch.zeros(side_a.shape, device=order.device)
-        else:
-            # Whole rows first (contiguous copies), then the B columns within them: far fewer
-            # cache misses than gathering the (A, B) pairs from the matrix directly.
-            rows = _rows(similarity, side_a)
-            closeness = torch.gather(rows, 2, side_b.unsqueeze(1).expand(-1, size_a, -1)).amax(dim=2)
-        survivors = torch.argsort(closeness, dim=1, descending=True)[:, drop:]
-        order = torch.cat([torch.gather(side_a, 1, survivors), side_b], dim=1)
-    return torch.gather(residual, 1, torch.gather(members, 1, order))
-
-
-def _self_similarity(unit: torch.Tensor) -> torch.Tensor:
-    """(B, L, L) = unit @ unit^T, computing the upper half of row blocks only (it is symmetric)."""
+    # Symmetric: the upper half of row blocks is computed and its cross block mirrored, written
+    # straight into the result so that no second (B, R, R) buffer exists.
     batch, length, _ = unit.shape
     half = length // 2
     out = unit.new_empty(batch, length, length)
-    top = torch.bmm(unit[:, :half], unit.transpose(1, 2))
-    out[:, :half] = top
-    out[:, half:, :half] = top[:, :, half:].transpose(1, 2)
-    out[:, half:, half:] = torch.bmm(unit[:, half:], unit[:, half:].transpose(1, 2))
+    torch.bmm(unit[:, :half], unit.transpose(1, 2), out=out[:, :half])
+    out[:, half:, :half].copy_(out[:, :half, half:].transpose(1, 2))
+    torch.bmm(unit[:, half:], unit[:, half:].transpose(1, 2), out=out[:, half:, half:])
     return out
+
+
+#: Most similar tokens listed per token, in descending similarity.
+PARTNERS = 16
+#: Partners every token of A probes; only tokens with none of them in B read further.
+FIRST_PROBES = 8
+
+
+class _Partners:
+    """Each token's most similar tokens, so that a step finds each A token's closest B token
+    in a few probes instead of a row of the similarity.
+
+    A token's highest similarity to B is that of the first of its partners (in descending
+    similarity) that is in B: a token beyond the list is no more similar than the list's last.
+    A token with no partner in B takes the maximum over its row's B columns instead. Either way
+    the value is an element of the similarity matrix, so it equals the maximum over B exactly.
+    Tokens are numbered flat, ``b * L + i`` for token ``i`` of image ``b``.
+    """
+
+    def __init__(self, similarity: torch.Tensor) -> None:
+        batch, length, _ = similarity.shape
+        # A token is never on both sides, so it is never its own partner.
+        similarity.diagonal(dim1=1, dim2=2).fill_(-math.inf)
+        count = min(PARTNERS, length)
+        values, index = torch.topk(similarity, count, dim=2)
+        self.offset = (torch.arange(batch, device=similarity.device) * length).unsqueeze(1)
+        values = values.view(batch * length, count)
+        index = (index + self.offset.unsqueeze(2)).view(batch * length, count)
+        split = min(FIRST_PROBES, count)
+        self.head = values[:, :split].contiguous(), index[:, :split].contiguous()
+        self.tail = values[:, split:], index[:, split:]
+        self.similarity = similarity
+        self.in_b = torch.zeros(batch * length, dtype=torch.bool, device=similarity.device)
+        self.length = length
+
+    def listed(self) -> torch.Tensor:
+        """(B, L) every token, in matrix order."""
+        return torch.arange(self.length, device=self.offset.device) + self.offset
+
+    def positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Matrix rows (B, K) of ``tokens`` (B, K)."""
+        return tokens - self.offset
+
+    def restricted(self, tokens: torch.Tensor) -> _Partners:
+        """The partners among ``tokens`` (B, K) only, numbered in that order."""
+        return _Partners(_submatrix(self.similarity, self.positions(tokens)))
+
+    def closest(self, side_a: torch.Tensor, side_b: torch.Tensor) -> torch.Tensor:
+        """(B, |A|) highest similarity of each token of ``side_a`` to any token of ``side_b``."""
+        in_b = self.in_b
+        in_b.zero_()
+        in_b.index_fill_(0, side_b.reshape(-1), True)
+        tokens = side_a.reshape(-1)
+        closeness = _probe(self.head, tokens, in_b)
+        pending = (closeness == -math.inf).nonzero().squeeze(1)
+        if pending.numel():
+            tokens = tokens[pending]
+            found = _probe(self.tail, tokens, in_b)
+            unresolved = (found == -math.inf).nonzero().squeeze(1)
+            if unresolved.numel():
+                tokens = tokens[unresolved]
+                row_in_b = in_b.view(-1, self.length).index_select(0, tokens // self.length)
+                row = self.similarity.view(-1, self.length).index_select(0, tokens)
+                found[unresolved] = torch.where(row_in_b, row, -math.inf).amax(dim=1)
+            closeness[pending] = found
+        return closeness.view(side_a.shape)
+
+
+def _probe(table: tuple[torch.Tensor, torch.Tensor], tokens: torch.Tensor, in_b: torch.Tensor) -> torch.Tensor:
+    """(K,) highest similarity of each of ``tokens`` (K,) to its partners in ``table`` that are
+    in B (-inf where none is): the first such partner's, as the lists descend."""
+    values, index = table
+    hits = in_b.take(index.index_select(0, tokens))
+    return torch.where(hits, values.index_select(0, tokens), -math.inf).amax(dim=1)
 
 
 def _rows(matrix: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
