@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator, TypeVar
 
 if TYPE_CHECKING:
-    from .adapters.vision_stage import ImageSelection
+    from .adapters.vision_stage import Family, ImageSelection, Settings
 
 Model = TypeVar("Model")
 
@@ -68,13 +68,49 @@ def apply(
     an unsupported model and ``ValueError`` for a bad argument.
     """
     from .adapters import family_for
+    from .adapters.vision_stage import VisionStagePruner
+
+    family = family_for(model)
+    settings = check_arguments(
+        num_tokens, important_ratio, method, budget=budget, keep_ratio=keep_ratio, positions=positions, family=family, **options
+    )
+    chosen = settings.method
+    if chosen.stage == "llm":
+        from .adapters.llm_stage import LanguageStagePruner
+
+        pruner: Any = LanguageStagePruner(model, family, settings)
+    else:
+        pruner = VisionStagePruner(model, family, settings)
+
+    remove(model)
+    pruner.install()
+    return model
+
+
+def check_arguments(
+    num_tokens: int | None = None,
+    important_ratio: float = DEFAULT_IMPORTANT_RATIO,
+    method: str = "vispruner",
+    *,
+    budget: str = "per_crop",
+    keep_ratio: float | None = None,
+    positions: str | None = None,
+    family: "Family | None" = None,
+    **options: Any,
+) -> "Settings":
+    """The checked settings that :func:`apply` with these arguments would install on a model of
+    ``family`` (None: the checks that hold for every family), without a model.
+
+    Raises the ``ValueError`` that :func:`apply` would raise for a bad argument, so that callers
+    (the lmms-eval plugin) can refuse a configuration before loading any weights.
+    """
     from .adapters.sequence import check_positions
-    from .adapters.vision_stage import BUDGETS, Settings, VisionStagePruner
+    from .adapters.vision_stage import BUDGETS, Settings
     from .methods import check_options, get_method
     from .methods._checks import check_num_tokens, check_ratio
 
-    family = family_for(model)
     chosen = get_method(method)
+    original_only = family is not None and family.original_positions_only
     if keep_ratio is not None:
         if num_tokens is not None:
             raise ValueError(f"give num_tokens or keep_ratio, not both; got num_tokens={num_tokens!r}, keep_ratio={keep_ratio!r}")
@@ -96,24 +132,14 @@ def apply(
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {', '.join(map(repr, BUDGETS))}; got {budget!r}")
     if positions is None:
-        positions = "original" if chosen.stage == "llm" or family.original_positions_only else "compacted"
+        positions = "original" if chosen.stage == "llm" or original_only else "compacted"
     positions = check_positions(positions)
-    if family.original_positions_only and positions != "original":
+    if original_only and positions != "original":
         raise ValueError(
             f"{family.name} keeps the 3D M-RoPE positions of the unpruned prompt; positions must be 'original' "
             f"(the default for it); got {positions!r}"
         )
-    settings = Settings(chosen, num_tokens, options, budget, keep_ratio, positions)
-    if chosen.stage == "llm":
-        from .adapters.llm_stage import LanguageStagePruner
-
-        pruner: Any = LanguageStagePruner(model, family, settings)
-    else:
-        pruner = VisionStagePruner(model, family, settings)
-
-    remove(model)
-    pruner.install()
-    return model
+    return Settings(chosen, num_tokens, options, budget, keep_ratio, positions)
 
 
 def remove(model: Model) -> Model:

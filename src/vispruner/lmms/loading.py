@@ -1,0 +1,52 @@
+"""Loading the checkpoint named by ``pretrained``: its family from its config, before any weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .arguments import UNPRUNED, ModelArgs
+
+
+def checkpoint(pretrained: str) -> tuple[str, bool]:
+    """``(path or hub id, local only)``; ``"testbed"`` is the bundled testbed."""
+    if pretrained == "testbed":
+        from vispruner.testbed.model import WEIGHTS
+
+        return str(WEIGHTS), True
+    return pretrained, Path(pretrained).is_dir()
+
+
+def check_family(pretrained: str) -> str:
+    """The checkpoint's ``model_type``, if :func:`vispruner.apply` supports it; ``ValueError`` otherwise."""
+    from transformers import AutoConfig
+
+    from vispruner.adapters import FAMILIES, SUPPORTED
+
+    path, local = checkpoint(pretrained)
+    model_type = AutoConfig.from_pretrained(path, local_files_only=local).model_type
+    if model_type not in FAMILIES:
+        raise ValueError(f"model_args pretrained: {pretrained!r} is a {model_type!r} model; vispruner supports {SUPPORTED}")
+    return model_type
+
+
+def load(args: ModelArgs, device: Any) -> tuple[Any, Any]:
+    """The model (on ``device`` unless ``device_map`` places it), pruned as ``args`` says, and its processor."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import vispruner
+
+    path, local = checkpoint(args.pretrained)
+    extra = {} if args.attn_implementation is None else {"attn_implementation": args.attn_implementation}
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=args.dtype, device_map=args.device_map, local_files_only=local, **extra
+    )
+    if args.device_map is None:
+        model.to(device)
+    processor = AutoProcessor.from_pretrained(path, local_files_only=local)
+    if not getattr(processor, "chat_template", None):
+        raise ValueError(f"model_args pretrained: {args.pretrained!r} has no chat template; the plugin prompts through it")
+    processor.tokenizer.padding_side = "left"  # batched generation continues every row at the same column
+    if args.method != UNPRUNED:
+        vispruner.apply(model, method=args.method, **args.pruning)
+    return model.eval(), processor
