@@ -6,7 +6,7 @@ import pytest
 from transformers import LlamaConfig
 
 from vispruner.lmms.arguments import ModelArgs, parse_model_args
-from vispruner.lmms.loading import check_family
+from vispruner.lmms.loading import check_checkpoint
 
 
 def test_apply_options_and_loading_settings_pass_through():
@@ -66,11 +66,21 @@ def test_bad_model_args_fail_with_one_line_naming_the_key(given, message):
 
 
 def test_family_comes_from_the_config_before_any_weights(tmp_path):
-    assert check_family("testbed") == "llava"
+    assert check_checkpoint(parse_model_args({"pretrained": "testbed"})) == "llava"
     LlamaConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=8, num_attention_heads=1).save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llama"
     with pytest.raises(ValueError, match=r"is a 'llama' model; vispruner supports LLaVA-1.5"):
-        check_family(str(tmp_path))  # a folder with a config and no weights: refused before loading
+        check_checkpoint(parse_model_args({"pretrained": str(tmp_path)}))  # a config and no weights: refused
+
+
+def test_family_rules_are_checked_from_the_config_too(tmp_path):
+    from tests.tiny_qwen import tiny_qwen2_5_vl
+
+    tiny_qwen2_5_vl().config.save_pretrained(tmp_path)  # config only: nothing to load
+    args = parse_model_args({"pretrained": str(tmp_path), "num_tokens": 8, "positions": "compacted"})
+    with pytest.raises(ValueError, match="model_args Qwen2.5-VL keeps the 3D M-RoPE positions .* must be 'original'"):
+        check_checkpoint(args)
+    assert check_checkpoint(parse_model_args({"pretrained": str(tmp_path), "num_tokens": 8})) == "qwen2_5_vl"
 
 
 def test_every_family_apply_supports_loads_through_the_auto_class():

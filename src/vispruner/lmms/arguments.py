@@ -28,7 +28,6 @@ class ModelArgs:
 
 def parse_model_args(given: dict[str, Any]) -> ModelArgs:
     """Check lmms-eval's parsed ``--model_args`` (plus the keys it adds); ``ValueError`` naming the key."""
-    from vispruner.api import check_arguments
     from vispruner.methods import available_methods, get_method
 
     args = {key: value for key, value in given.items() if value is not None}
@@ -52,11 +51,18 @@ def parse_model_args(given: dict[str, Any]) -> ModelArgs:
                 f"{', '.join(sorted(allowed | {'pretrained', 'method', *LOADING}))}"
             )
         pruning = args
-        try:
-            check_arguments(method=method, **pruning)
-        except ValueError as error:
-            raise ValueError(f"model_args {error}") from None
+        check_pruning(method, pruning)
     return ModelArgs(pretrained, method, pruning, **_loading(loading))
+
+
+def check_pruning(method: str, pruning: dict[str, Any], family: Any = None) -> None:
+    """:func:`vispruner.apply`'s own checks (for ``family``, once the checkpoint's is known)."""
+    from vispruner.api import check_arguments
+
+    try:
+        check_arguments(method=method, family=family, **pruning)
+    except ValueError as error:
+        raise ValueError(f"model_args {error}") from None
 
 
 def pruning_keys() -> tuple[str, ...]:
@@ -67,7 +73,7 @@ def pruning_keys() -> tuple[str, ...]:
     from vispruner.api import check_arguments
 
     parameters = inspect.signature(check_arguments).parameters.values()
-    return tuple(p.name for p in parameters if p.name != "method" and p.kind is not p.VAR_KEYWORD)
+    return tuple(p.name for p in parameters if p.name not in ("method", "family") and p.kind is not p.VAR_KEYWORD)
 
 
 def _loading(given: dict[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .arguments import UNPRUNED, ModelArgs
+from .arguments import UNPRUNED, ModelArgs, check_pruning
 
 
 def checkpoint(pretrained: str) -> tuple[str, bool]:
@@ -17,16 +17,21 @@ def checkpoint(pretrained: str) -> tuple[str, bool]:
     return pretrained, Path(pretrained).is_dir()
 
 
-def check_family(pretrained: str) -> str:
-    """The checkpoint's ``model_type``, if :func:`vispruner.apply` supports it; ``ValueError`` otherwise."""
+def check_checkpoint(args: ModelArgs) -> str:
+    """The checkpoint's ``model_type``, read from its config alone, if :func:`vispruner.apply`
+    supports it and takes ``args``' pruning for it; ``ValueError`` otherwise."""
+    from importlib import import_module
+
     from transformers import AutoConfig
 
     from vispruner.adapters import FAMILIES, SUPPORTED
 
-    path, local = checkpoint(pretrained)
+    path, local = checkpoint(args.pretrained)
     model_type = AutoConfig.from_pretrained(path, local_files_only=local).model_type
     if model_type not in FAMILIES:
-        raise ValueError(f"model_args pretrained: {pretrained!r} is a {model_type!r} model; vispruner supports {SUPPORTED}")
+        raise ValueError(f"model_args pretrained: {args.pretrained!r} is a {model_type!r} model; vispruner supports {SUPPORTED}")
+    if args.method != UNPRUNED:
+        check_pruning(args.method, args.pruning, import_module(FAMILIES[model_type]).FAMILY)
     return model_type
 
 

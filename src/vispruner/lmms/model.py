@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .arguments import parse_model_args
 from .inference import Generation, Visuals, batches, generate, loglikelihoods, split_visuals
-from .loading import check_family, load
+from .loading import check_checkpoint, load
 
 
 class VisPruner(lmms):
@@ -41,7 +41,7 @@ class VisPruner(lmms):
             raise ValueError(
                 f"model_args device_map places one model over devices; run one process with it, not {accelerator.num_processes}"
             )
-        check_family(args.pretrained)
+        check_checkpoint(args)
         device = accelerator.device if accelerator.num_processes > 1 or args.device is None else args.device
         self._model, self.processor = load(args, device)
         self.args = args
