@@ -19,6 +19,10 @@ def test_budgets_are_counts_or_shares():
         (64, 1.0), (32, 0.5), (7, 7 / 64), (3, 3 / 64), (7, 7 / 64)
     ]
     assert parse_budget(" 1% ", 64).num_tokens == 1  # never below one token
+    # A share reaches apply as keep_ratio (images of any size keep that share), a count as num_tokens.
+    assert parse_budget("11%", 64).apply_arguments() == {"keep_ratio": 0.11}
+    assert parse_budget("7", 64).apply_arguments() == {"num_tokens": 7}
+    assert parse_budget("62.5%", 4).num_tokens == 3  # 2.5 rounds half up, as keep_ratio does
     for bad in ("0", "65", "0%", "101%", "x", "-3"):
         with pytest.raises(ValueError, match=r"tokens must be a count in \[1, 64\]"):
             parse_budget(bad, 64)

@@ -33,7 +33,8 @@ from ..methods.fastv import DEFAULT_LAYER, LanguageSignals, check_layer
 from .attention_row import ProjectionCapture, head_averaged_row
 from .patching import InstancePatch, bind_arguments
 from .sequence import CompactedPrefix, CompactedSequence, compact
-from .vision_stage import PRUNER, Family, ImageSelection, Item, Modality, Settings, shared_tokens
+from .budget import shared_tokens
+from .vision_stage import PRUNER, Family, ImageSelection, Item, Modality, Settings
 
 #: Attribute of a KV cache whose layers from K on hold a compacted prefill: its :class:`CompactedPrefix`.
 PREFIX = "_vispruner_llm_prefix"

@@ -27,7 +27,6 @@ transformers 5.x lets us in (see docs/models.md for the user's view):
 
 from __future__ import annotations
 
-import math
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from ..methods.base import Method, VisionSignals
+from .budget import ratio_tokens, shared_tokens
 from .patching import InstancePatch, bind_arguments
 from .sequence import CompactedPrefix, compact
 
@@ -253,17 +253,6 @@ class Settings:
         if self.keep_ratio is None:
             return self.num_tokens
         return ratio_tokens(self.keep_ratio, size)
-
-
-def ratio_tokens(ratio: float, size: int) -> int:
-    """``ratio * size`` rounded half up, at least 1: the documented rounding of ``keep_ratio``."""
-    return max(1, math.floor(ratio * size + 0.5))
-
-
-def shared_tokens(num_tokens: int, pieces: int) -> list[int]:
-    """``num_tokens`` split over ``pieces``: the first ``num_tokens % pieces`` get one more, each at least 1."""
-    base, extra = divmod(num_tokens, pieces)
-    return [max(1, base + (index < extra)) for index in range(pieces)]
 
 
 class VisionStagePruner:

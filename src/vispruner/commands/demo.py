@@ -15,7 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", default=None, help="image file (default: a generated testbed scene)")
     parser.add_argument("--question", default=None, help="question about the image (required with --image)")
     parser.add_argument(
-        "--tokens", default="11%", help="visual tokens the method keeps per image: a count (16) or a share (11%%)"
+        "--tokens", default="11%",
+        help="visual tokens the method keeps per image: a count (16) or a share (11%%, passed as keep_ratio: "
+        "that share of each image, rounded half up)",
     )
     parser.add_argument("--method", type=method_name, default="vispruner",
                         help="registered method to compare with all tokens (default vispruner)")
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     start = time.perf_counter()
     rows.append(("all tokens", total, answer(model, processor, [image], [question])[0], time.perf_counter() - start))
-    with vispruner.pruned(model, num_tokens=budget.num_tokens, method=args.method, **options):
+    with vispruner.pruned(model, method=args.method, **budget.apply_arguments(), **options):
         start = time.perf_counter()
         reply = answer(model, processor, [image], [question])[0]
         rows.append((args.method, budget.num_tokens, reply, time.perf_counter() - start))

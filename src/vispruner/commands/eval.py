@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokens",
         default="100%,50%,25%,11%,5%",
-        help="comma-separated budgets per image: counts (64) or shares of the model's visual tokens (11%%)",
+        help="comma-separated budgets per image: counts (64) or shares (11%%, passed as keep_ratio: that share of each image, rounded half up)",
     )
     add_method_options(parser)
     parser.add_argument(

@@ -11,20 +11,30 @@ class Budget:
     given: str  # as the user wrote it
     num_tokens: int
     fraction: float  # num_tokens / the model's visual tokens per image
+    share: float | None = None  # the share given (0.11 for "11%"), None for a count
+
+    def apply_arguments(self) -> dict[str, Any]:
+        """What :func:`vispruner.apply` takes for this budget: ``keep_ratio`` for a share, so that
+        images of any size keep that share of their tokens, else ``num_tokens``."""
+        return {"num_tokens": self.num_tokens} if self.share is None else {"keep_ratio": self.share}
 
 
 def parse_budget(text: str, total: int) -> Budget:
     """``"25%"`` or ``"16"`` as a :class:`Budget` out of ``total`` visual tokens per image.
 
-    A share rounds to the nearest count, at least 1; a count must lie in [1, total].
+    A share counts as ``keep_ratio`` does (:func:`vispruner.apply`): rounded half up, at least 1;
+    a count must lie in [1, total].
     """
+    from vispruner.adapters.budget import ratio_tokens
+
     given = text.strip()
+    share = None
     try:
         if given.endswith("%"):
-            share = float(given[:-1])
-            if not 0 < share <= 100:
+            share = float(given[:-1]) / 100
+            if not 0 < share <= 1:
                 raise ValueError
-            count = max(1, round(total * share / 100))
+            count = ratio_tokens(share, total)
         else:
             count = int(given)
             if not 1 <= count <= total:
@@ -33,7 +43,7 @@ def parse_budget(text: str, total: int) -> Budget:
         raise ValueError(
             f"tokens must be a count in [1, {total}] or a share in (0%, 100%], got {text!r}"
         ) from None
-    return Budget(given, count, count / total)
+    return Budget(given, count, count / total, share)
 
 
 def parse_budgets(spec: str, total: int) -> list[Budget]:

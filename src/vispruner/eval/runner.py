@@ -111,7 +111,7 @@ def evaluate(
                     bar.set_postfix_str(f"{method} {budget.given}")
                     torch.manual_seed(seed)
                     with vispruner.pruned(
-                        model, num_tokens=budget.num_tokens, method=method, **options.get(method, {})
+                        model, method=method, **budget.apply_arguments(), **options.get(method, {})
                     ):
                         score = accuracy(model, processor, samples, batch_size, bar.update, max_new_tokens)
                 else:
