@@ -32,6 +32,9 @@ def test_bench_writes_every_key_the_table_and_the_plot(tmp_path, capsys, preset,
     for row in rows:
         assert ROW_KEYS <= set(row)
         assert row["prefill_ms"] > 0 and row["decode_ms_per_token"] > 0 and row["peak_memory_bytes"] > 0
+        # The time columns come from one prefill: its parts fit in it, and speedup is the ratio of two entries.
+        assert row["vision_ms"] + row["llm_prefill_ms"] <= row["prefill_ms"]
+        assert row["prefill_speedup"] == pytest.approx(rows[0]["prefill_ms"] / row["prefill_ms"])
     assert rows[0]["visual_tokens"] == visual
     for row in rows[1:]:
         assert row["kv_cache_bytes"] < rows[0]["kv_cache_bytes"]
@@ -40,6 +43,7 @@ def test_bench_writes_every_key_the_table_and_the_plot(tmp_path, capsys, preset,
     assert picture.read_bytes().startswith(b"\x89PNG")
     table = capsys.readouterr().out
     assert "prefill ms" in table and all(method in table for method in methods)
+    assert "speedup         prefill ms of none / prefill ms of the row" in table  # the legend under the table
 
 
 def test_reduced_depth_is_said_plainly(tmp_path, capsys):

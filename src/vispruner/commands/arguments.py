@@ -71,7 +71,6 @@ def integer_at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer >= {low}; got {text!r}")
         return value
 
-    read.__name__ = f"integer >= {low}"
     return read
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from .arguments import UsageError, add_method_options, budgets, check_output, method_name, method_options, visual_tokens_of
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 #: Held-out scene and question of the default demo: a 10 px square in a corner decides the answer.
 DEMO_SCENE = 129
@@ -25,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="vispruner_demo.png", help="picture of the kept patches (PNG)")
 
 
-def _open_image(path: str):
+def _open_image(path: str) -> Image.Image:
     from PIL import Image, UnidentifiedImageError
 
     try:
