@@ -13,6 +13,15 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
+#: Merged tokens per side of the Qwen-VL benchmark image: 24 x 24 = 576, LLaVA-1.5's count.
+QWEN_SIDE_TOKENS = 24
+
+
+def is_qwen(model: "PreTrainedModel") -> bool:
+    """Whether ``model`` is Qwen-VL-shaped (patches merged 2 x 2, ``image_grid_thw`` input)."""
+    return hasattr(model.config.vision_config, "spatial_merge_size")
+
+
 def is_next(model: "PreTrainedModel") -> bool:
     """Whether ``model`` is LLaVA-NeXT-shaped (anyres crops, ``image_sizes`` input)."""
     return getattr(model.config, "image_grid_pinpoints", None) is not None
@@ -23,8 +32,13 @@ def default_image_size(model: "PreTrainedModel") -> tuple[int, int]:
 
     LLaVA: the tower's square input. LLaVA-NeXT: the largest grid resolution, the case with the
     most crops (672 x 672 on the 7B checkpoints: the base image plus 2 x 2 crops, as in the
-    paper's efficiency table).
+    paper's efficiency table). Qwen-VL: the square image of 24 x 24 = 576 merged tokens (672 px
+    for Qwen2.5-VL's 14 px patches, 768 px for Qwen3-VL's 16 px), as many as LLaVA-1.5's.
     """
+    if is_qwen(model):
+        vision = model.config.vision_config
+        side = QWEN_SIDE_TOKENS * vision.patch_size * vision.spatial_merge_size
+        return side, side
     if is_next(model):
         height, width = max(model.config.image_grid_pinpoints, key=lambda hw: hw[0] * hw[1])
         return int(height), int(width)
@@ -35,12 +49,21 @@ def default_image_size(model: "PreTrainedModel") -> tuple[int, int]:
 def image_inputs(
     model: "PreTrainedModel", batch_size: int, image_size: tuple[int, int], seed: int = 0
 ) -> dict[str, "torch.Tensor"]:
-    """``pixel_values`` (and ``image_sizes`` for LLaVA-NeXT) for one image per prompt."""
+    """``pixel_values`` (and ``image_sizes`` for LLaVA-NeXT, ``image_grid_thw`` for Qwen-VL) for
+    one image per prompt."""
     import torch
 
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     generator = torch.Generator().manual_seed(seed)
+    if is_qwen(model):
+        vision = model.config.vision_config
+        rows, cols = image_size[0] // vision.patch_size, image_size[1] // vision.patch_size
+        width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        return {
+            "pixel_values": torch.randn(batch_size * rows * cols, width, generator=generator),
+            "image_grid_thw": torch.tensor([[1, rows, cols]] * batch_size),
+        }
     side = model.config.vision_config.image_size
     if not is_next(model):
         return {"pixel_values": torch.randn(batch_size, 3, side, side, generator=generator)}
@@ -59,6 +82,8 @@ def placeholders_per_image(model: "PreTrainedModel", images: dict[str, "torch.Te
     """
     import torch
 
+    if is_qwen(model):
+        return int(images["image_grid_thw"][0].prod()) // model.config.vision_config.spatial_merge_size**2
     first = {name: value[:1].to(model.device) for name, value in images.items()}
     first["pixel_values"] = first["pixel_values"].to(model.dtype)
     with torch.inference_mode():
@@ -82,7 +107,7 @@ def prompt_inputs(
 
     if isinstance(text_tokens, bool) or not isinstance(text_tokens, int) or text_tokens < 1:
         raise ValueError(f"text_tokens must be an integer >= 1; got {text_tokens!r}")
-    batch = images["pixel_values"].shape[0]
+    batch = images["image_grid_thw"].shape[0] if is_qwen(model) else images["pixel_values"].shape[0]
     text = model.config.text_config
     image_id = model.config.image_token_id
     generator = torch.Generator().manual_seed(seed + 1)
@@ -93,5 +118,7 @@ def prompt_inputs(
     placeholders = torch.full((batch, visual_tokens), image_id)
     input_ids = torch.cat([bos, placeholders, words], dim=1)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **images}
+    if is_qwen(model):
+        inputs["mm_token_type_ids"] = (input_ids == image_id).int()
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     return {name: value.to(model.device) for name, value in inputs.items()}

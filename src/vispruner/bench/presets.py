@@ -90,6 +90,67 @@ _TINY_TEXT = dict(
     num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048, pad_token_id=0,
 )
 
+def _qwen2_5_vl_7b() -> "PretrainedConfig":
+    # Qwen/Qwen2.5-VL-7B-Instruct: a 32-block windowed ViT (full attention in blocks 7, 15, 23,
+    # 31) and the Qwen2.5-7B decoder.
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+            tokens_per_second=2, hidden_act="silu",
+        ),
+        text_config=dict(
+            hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+            num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        ),
+        **_QWEN_IDS,
+    )
+
+
+def _qwen3_vl_8b() -> "PretrainedConfig":
+    # Qwen/Qwen3-VL-8B-Instruct: a 27-block ViT with deepstack features from blocks 8, 16, 24,
+    # and the Qwen3-8B decoder.
+    from transformers import Qwen3VLConfig
+
+    return Qwen3VLConfig(
+        vision_config=dict(
+            depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096, patch_size=16,
+            spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+            deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh",
+        ),
+        text_config=dict(
+            hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+            num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=262144, rms_norm_eps=1e-6,
+            rope_parameters={
+                "rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20], "mrope_interleaved": True,
+            },
+        ),
+        tie_word_embeddings=False,
+        **_QWEN_IDS,
+    )
+
+
+def _tiny_qwen2_5_vl() -> "PretrainedConfig":
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128, patch_size=14,
+            window_size=56, fullatt_block_indexes=[1],
+        ),
+        text_config=dict(
+            _TINY_TEXT, pad_token_id=None, bos_token_id=1, eos_token_id=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+        ),
+        image_token_id=500, video_token_id=501, vision_start_token_id=502, vision_end_token_id=503,
+    )
+
+
+_QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+
 PRESETS: dict[str, Preset] = {
     preset.name: preset
     for preset in (
@@ -110,7 +171,10 @@ PRESETS: dict[str, Preset] = {
                 _vicuna("7b"), _clip_l_336(), image_token_id=32000, image_grid_pinpoints=_NEXT_PINPOINTS
             ),
         ),
+        Preset("qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct", _qwen2_5_vl_7b),
+        Preset("qwen3-vl-8b", "Qwen/Qwen3-VL-8B-Instruct", _qwen3_vl_8b),
         Preset("tiny-llava", "", lambda: _llava(_TINY_TEXT, _TINY_VISION, image_token_id=511)),
+        Preset("tiny-qwen2.5-vl", "", _tiny_qwen2_5_vl),
         Preset(
             "tiny-llava-next",
             "",

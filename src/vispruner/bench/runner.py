@@ -37,7 +37,15 @@ from transformers import LogitsProcessorList, PreTrainedModel
 
 from ..methods import check_options, get_method
 from .flops import flop_counter, llm_prefill_flops, split_counts
-from .inputs import default_image_size, image_inputs, is_next, placeholders_per_image, prompt_inputs
+from .inputs import (
+    QWEN_SIDE_TOKENS,
+    default_image_size,
+    image_inputs,
+    is_next,
+    is_qwen,
+    placeholders_per_image,
+    prompt_inputs,
+)
 from .memory import PeakMemory, kv_cache_bytes, resident_bytes
 from .timing import DecodeClock, PrefillBreakdown, hook_keys, median
 
@@ -100,12 +108,15 @@ def describe_device(device: torch.device) -> str:
 
 
 def _parts(model: PreTrainedModel) -> dict[str, torch.nn.Module]:
+    """The stock modules timed apart; Qwen-VL's merger runs inside its tower (``visual``)."""
     inner = getattr(model, "model", None)
     names = ("vision_tower", "multi_modal_projector", "language_model")
+    if inner is not None and all(hasattr(inner, name) for name in ("visual", "language_model")):
+        return {"vision_tower": inner.visual, "language_model": inner.language_model, "lm_head": model.lm_head}
     if inner is None or not all(hasattr(inner, name) for name in names) or not hasattr(model, "lm_head"):
         raise TypeError(
-            "bench supports LLaVA-1.5 and LLaVA-NeXT models (LlavaForConditionalGeneration, "
-            f"LlavaNextForConditionalGeneration); got {type(model).__name__}"
+            "bench supports LLaVA-1.5, LLaVA-NeXT and Qwen-VL models (LlavaForConditionalGeneration, "
+            f"LlavaNextForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, ...); got {type(model).__name__}"
         )
     return {name: getattr(inner, name) for name in names} | {"lm_head": model.lm_head}
 
@@ -199,7 +210,7 @@ class _Bench:
         self.step()
         row.update(
             prefill_ms=times["total"],
-            vision_ms=times["vision_tower"] + times["multi_modal_projector"],
+            vision_ms=times["vision_tower"] + times.get("multi_modal_projector", 0.0),
             llm_prefill_ms=times["language_model"] + times["lm_head"],
             pruning_overhead_ms=times["overhead"],
             decode_ms_per_token=median(decode),
@@ -294,6 +305,8 @@ def run_bench(
 
 def _patches_per_crop(model: PreTrainedModel) -> int:
     vision = model.config.vision_config
+    if is_qwen(model):
+        return QWEN_SIDE_TOKENS**2
     patches = (vision.image_size // vision.patch_size) ** 2
     return patches + (model.config.vision_feature_select_strategy == "full")
 
