@@ -13,6 +13,8 @@ not from the adapters.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from transformers import LlavaNextForConditionalGeneration
@@ -20,9 +22,10 @@ from transformers import LlavaNextForConditionalGeneration
 import vispruner
 from vispruner.methods import available_methods, get_method
 
+from .adapters import siglip_cases
 from .adapters.cases import BUILDERS, FAMILIES, SIZES, TEXTS
 from .adapters.reference import _crops, _layout
-from .tiny_models import tiny_inputs
+from .tiny_models import tiny_inputs, tiny_onevision
 from .tiny_qwen import BUILDERS as QWEN_BUILDERS
 from .tiny_qwen import FRAMES_SEPARATED, tiny_qwen_inputs
 from .tiny_qwen import IMAGE_ID as QWEN_IMAGE_ID
@@ -44,6 +47,15 @@ def generate(model, inputs):
     return model.generate(
         **inputs, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True, output_logits=True
     )
+
+
+def assert_keeping_everything_is_stock(model, inputs, method):
+    stock = generate(model, inputs)
+    vispruner.apply(model, 10**6, method=method)
+    everything = generate(model, inputs)
+    assert torch.equal(everything.sequences, stock.sequences)
+    for mine, theirs in zip(everything.logits, stock.logits, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
 
 
 def image_layouts(model, inputs) -> list[list[tuple[int, int] | None]]:
@@ -78,12 +90,7 @@ def text_counts(model, inputs) -> list[int]:
 @pytest.mark.parametrize("method", available_methods())
 def test_method_through_apply(family, method):
     model, inputs = model_and_inputs(family)
-    stock = generate(model, inputs)
-    vispruner.apply(model, 10**6, method=method)
-    everything = generate(model, inputs)
-    assert torch.equal(everything.sequences, stock.sequences)
-    for mine, theirs in zip(everything.logits, stock.logits, strict=True):
-        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    assert_keeping_everything_is_stock(model, inputs, method)
 
     vispruner.apply(model, NUM_TOKENS, method=method)
     stage = get_method(method).stage
@@ -155,12 +162,7 @@ def test_method_through_apply_on_qwen(family, method):
         with pytest.raises(TypeError, match="softmax attention in every decoder layer"):
             vispruner.apply(model, NUM_TOKENS, method=method)
         return
-    stock = generate(model, inputs)
-    vispruner.apply(model, 10**6, method=method)
-    everything = generate(model, inputs)
-    assert torch.equal(everything.sequences, stock.sequences)
-    for mine, theirs in zip(everything.logits, stock.logits, strict=True):
-        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    assert_keeping_everything_is_stock(model, inputs, method)
 
     vispruner.apply(model, NUM_TOKENS, method=method)
     seen: dict[int, list[int]] = {}
@@ -189,3 +191,38 @@ def test_method_through_apply_on_qwen(family, method):
     assert all(e < f for e, f in zip(expected, full))
     kinds = [selection.modality for selection in vispruner.last_selection(model)]
     assert kinds == ["image", "video", "video"]
+
+
+SIGLIP_CASES = {
+    "gemma3": siglip_cases.gemma_case,
+    "onevision": siglip_cases.onevision_case,
+    "onevision_video": lambda: (tiny_onevision(), siglip_cases.video_inputs()),
+}
+
+
+@functools.cache
+def siglip_prompt_lengths(family: str) -> list[int]:
+    """Per row, text + kept tokens by the reference; every vision method keeps the same number
+    (``num_tokens`` per unit, all of a smaller unit), so one method's reference serves all."""
+    model, inputs = SIGLIP_CASES[family]()
+    return [len(embeds) for embeds, _ in siglip_cases.reference_rows(model, inputs, "random", NUM_TOKENS)]
+
+
+@pytest.mark.parametrize("family", SIGLIP_CASES)
+@pytest.mark.parametrize("method", available_methods())
+def test_method_through_apply_siglip(family, method):
+    """The same contract on SigLIP towers (Gemma 3, LLaVA-OneVision images and video); the expected
+    prompt lengths come from the step-by-step reference. FastV is refused there."""
+    model, inputs = SIGLIP_CASES[family]()
+    if get_method(method).stage == "llm":
+        with pytest.raises(TypeError, match="fastv"):  # Gemma 3: sliding-window layers; OneVision: its packing
+            vispruner.apply(model, NUM_TOKENS, method=method, layer=1)
+        return
+    expected = siglip_prompt_lengths(family)
+    assert_keeping_everything_is_stock(model, inputs, method)
+
+    vispruner.apply(model, NUM_TOKENS, method=method)
+    out, rows = siglip_cases.language_inputs(model, inputs)
+    assert out.shape == (inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + siglip_cases.STEPS)
+    assert [len(row) for row in rows] == expected
+    assert all(e < f for e, f in zip(expected, inputs["attention_mask"].sum(dim=1).tolist()))

@@ -21,16 +21,27 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     BatchFeature,
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3Processor,
+    Gemma3TextConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    SiglipVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 IMAGE = "<image>"
@@ -46,9 +57,11 @@ NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2
 GRID_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over :data:`VOCAB` that pads on the left, as generation needs."""
-    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(VOCAB)}, unk_token="<unk>"))
+def tiny_tokenizer(vocab: list[str] | None = None, **special: str) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``vocab`` (default :data:`VOCAB`) that pads on the left, as
+    generation needs; ``special`` names more special tokens (``video_token="<video>"``)."""
+    vocab = VOCAB if vocab is None else vocab
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(vocab)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -56,7 +69,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
-        extra_special_tokens={"image_token": IMAGE},
+        extra_special_tokens={"image_token": IMAGE, **special},
         padding_side="left",
     )
 
@@ -131,8 +144,30 @@ def tiny_llava_next(
     )
 
 
-def tiny_processor(model) -> LlavaProcessor | LlavaNextProcessor:
-    """The processor matching ``model`` (a tiny LLaVA or LLaVA-NeXT), offline."""
+class _OnevisionImageProcessor(LlavaOnevisionProcessor):
+    """LLaVA-OneVision's processor for images and text only: its video processor needs torchvision,
+    which is not installed, so tests build video inputs by hand (:func:`tiny_video_inputs`)."""
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument_name == "video_processor" and argument is None:
+            return type(None)
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+
+def tiny_processor(model) -> LlavaProcessor | LlavaNextProcessor | LlavaOnevisionProcessor | Gemma3Processor:
+    """The processor matching ``model`` (a tiny LLaVA, LLaVA-NeXT, LLaVA-OneVision or Gemma 3), offline."""
+    if isinstance(model, LlavaOnevisionForConditionalGeneration):
+        images = LlavaOnevisionImageProcessorPil(
+            size={"height": OV_IMAGE_SIZE, "width": OV_IMAGE_SIZE}, image_grid_pinpoints=OV_PINPOINTS
+        )
+        tokenizer = tiny_tokenizer(SIGLIP_VOCAB, video_token=VIDEO)
+        return _OnevisionImageProcessor(
+            image_processor=images, tokenizer=tokenizer, num_image_tokens=OV_SIDE**2, vision_feature_select_strategy="full"
+        )
+    if isinstance(model, Gemma3ForConditionalGeneration):
+        tokenizer = tiny_tokenizer(SIGLIP_VOCAB, image_token=SOFT, boi_token=BOI, eoi_token=EOI)
+        images = Gemma3ImageProcessorPil(size={"height": GEMMA_IMAGE_SIZE, "width": GEMMA_IMAGE_SIZE})
+        return Gemma3Processor(image_processor=images, tokenizer=tokenizer, image_seq_length=GEMMA_TOKENS)
     common = dict(
         tokenizer=tiny_tokenizer(),
         patch_size=PATCH_SIZE,
@@ -171,4 +206,99 @@ def tiny_inputs(
         raise ValueError(f"image_sizes must give one size per <image> marker ({count}); got {len(sizes)}")
     processor = tiny_processor(model)
     images = random_images(sizes, seed) if count else None
+    if isinstance(model, (LlavaOnevisionForConditionalGeneration, Gemma3ForConditionalGeneration)) and images:
+        # These processors take the images of each prompt as one list (OneVision: a prompt with
+        # several images gets one base crop per image); Gemma 3 marks an image with its begin token.
+        starts = np.cumsum([0] + [text.count(IMAGE) for text in texts])
+        images = [images[a:b] for a, b in zip(starts[:-1], starts[1:])]
+        if isinstance(model, Gemma3ForConditionalGeneration):
+            texts = [text.replace(IMAGE, BOI) for text in texts]
     return processor(images=images, text=texts, padding=True, return_tensors="pt")
+
+
+# -- SigLIP towers (no [CLS]): LLaVA-OneVision and Gemma 3 --------------------------------------
+
+VIDEO = "<video>"
+BOI, EOI, SOFT = "<boi>", "<eoi>", "<soft>"
+#: VOCAB plus the video placeholder and Gemma 3's image markers (begin, soft token, end).
+SIGLIP_VOCAB = VOCAB + [VIDEO, BOI, EOI, SOFT]
+VIDEO_ID, BOI_ID, EOI_ID, SOFT_ID = (SIGLIP_VOCAB.index(token) for token in (VIDEO, BOI, EOI, SOFT))
+
+#: OneVision crops: 28 px, 4 px patches, so 7 x 7 = 49 patches per crop (odd, like SigLIP's 27 x 27).
+OV_IMAGE_SIZE = 28
+OV_SIDE = OV_IMAGE_SIZE // PATCH_SIZE
+#: OneVision resolutions (height, width) up to 4 x 4 crops; with anyres_max_9 a grid of more than
+#: 9 x 1.1^2 crops' worth of patches after unpadding is downsampled (bilinear) inside packing.
+OV_PINPOINTS = [[OV_IMAGE_SIZE * i, OV_IMAGE_SIZE * j] for i in range(1, 5) for j in range(1, 5)]
+#: Gemma 3: 64 px, 4 px patches, so 16 x 16 = 256 patches, average-pooled 4 x 4 to 4 x 4 = 16 tokens.
+GEMMA_IMAGE_SIZE = 64
+GEMMA_TOKENS = 16
+
+
+def _siglip_config(image_size: int, layers: int) -> SiglipVisionConfig:
+    return SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=PATCH_SIZE,
+    )
+
+
+def tiny_onevision(
+    seed: int = 0, attn_implementation: str = "sdpa", vision_layers: int = 2, text_layers: int = 2
+) -> LlavaOnevisionForConditionalGeneration:
+    """A random LLaVA-OneVision-shaped model: SigLIP tower (last layer, no [CLS]), anyres_max_9 over
+    :data:`OV_PINPOINTS`, Qwen2 language model."""
+    text = Qwen2Config(**_text_config(text_layers).to_dict() | {"vocab_size": len(SIGLIP_VOCAB)})
+    config = LlavaOnevisionConfig(
+        vision_config=_siglip_config(OV_IMAGE_SIZE, vision_layers),
+        text_config=text,
+        image_token_index=IMAGE_ID,
+        video_token_index=VIDEO_ID,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=OV_PINPOINTS,
+        vision_aspect_ratio="anyres_max_9",
+    )
+    torch.manual_seed(seed)
+    return _finish(LlavaOnevisionForConditionalGeneration(config), attn_implementation)
+
+
+def tiny_gemma3(
+    seed: int = 0, attn_implementation: str = "sdpa", vision_layers: int = 2, text_layers: int = 2
+) -> Gemma3ForConditionalGeneration:
+    """A random Gemma 3-shaped model: SigLIP tower at 64 px (16 x 16 patches) pooled 4 x 4 to 16
+    tokens, a Gemma 3 language model with one sliding-window layer and one global layer."""
+    text = Gemma3TextConfig(
+        vocab_size=len(SIGLIP_VOCAB),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * (text_layers // 2) + ["sliding_attention"] * (text_layers % 2),
+        max_position_embeddings=1024,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        initializer_range=0.2,
+    )
+    config = Gemma3Config(
+        vision_config=_siglip_config(GEMMA_IMAGE_SIZE, vision_layers),
+        text_config=text,
+        mm_tokens_per_image=GEMMA_TOKENS,
+        boi_token_index=BOI_ID,
+        eoi_token_index=EOI_ID,
+        image_token_index=SOFT_ID,
+        pad_token_id=PAD_ID,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    # Gemma 3 initialises the projection to zeros (all image tokens equal); random weights make pruning matter.
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.2)
+    return _finish(model, attn_implementation)

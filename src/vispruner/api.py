@@ -139,6 +139,8 @@ def check_arguments(
             f"{family.name} keeps the 3D M-RoPE positions of the unpruned prompt; positions must be 'original' "
             f"(the default for it); got {positions!r}"
         )
+    if chosen.stage == "llm" and family is not None and family.language_stage is not None:
+        raise TypeError(f"{chosen.name} does not support {family.name}: {family.language_stage}; choose a vision-stage method")
     return Settings(chosen, num_tokens, options, budget, keep_ratio, positions)
 
 

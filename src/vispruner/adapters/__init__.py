@@ -22,12 +22,15 @@ FAMILIES = {
     "qwen3_vl": "vispruner.adapters.qwen3_vl",
     "qwen3_vl_moe": "vispruner.adapters.qwen3_vl",
     "qwen3_5": "vispruner.adapters.qwen3_5",
+    "llava_onevision": "vispruner.adapters.llava_onevision",
+    "gemma3": "vispruner.adapters.gemma3",
 }
 SUPPORTED = (
     "LLaVA-1.5 (LlavaForConditionalGeneration), LLaVA-NeXT (LlavaNextForConditionalGeneration), "
     "Qwen2-VL (Qwen2VLForConditionalGeneration), Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration), "
     "Qwen3-VL (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration), "
-    "Qwen3.5 (Qwen3_5ForConditionalGeneration)"
+    "Qwen3.5 (Qwen3_5ForConditionalGeneration), "
+    "LLaVA-OneVision (LlavaOnevisionForConditionalGeneration), Gemma 3 (Gemma3ForConditionalGeneration)"
 )
 
 

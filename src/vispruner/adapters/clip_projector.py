@@ -38,7 +38,7 @@ class ProjectorVision:
         self.model = model
         self._crops_per_image = crops_per_image
         self._pack = pack
-        self.layers = _encoder_layers(model.model.vision_tower)
+        self.layers = encoder_layers(model.model.vision_tower)
         _check_model(model, self.layers)
         vision = model.config.vision_config
         side = vision.image_size // vision.patch_size
@@ -52,28 +52,36 @@ class ProjectorVision:
         return self._pack(self.model, keeps, arguments.get("image_sizes"))
 
     def tap(self, modality: Modality, arguments: dict[str, Any], needs: frozenset[str]) -> "ProjectorTap":
-        config = self.model.config
-        layer = arguments.get("vision_feature_layer")
-        layer = config.vision_feature_layer if layer is None else layer
-        strategy = arguments.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
-        if not isinstance(layer, int) or strategy != "default":
-            raise ValueError(
-                "pruning needs one vision_feature_layer (an int) and vision_feature_select_strategy='default'; "
-                f"got {layer!r} and {strategy!r}"
-            )
-        attention = self._attention_module(layer) if needs & {"attention", "keys"} else None
+        attention = feature_attention(self.model, self.layers, arguments, "default")
+        attention = attention if needs & {"attention", "keys"} else None
         return ProjectorTap(self.model.model.multi_modal_projector, attention, keep_keys="keys" in needs)
 
-    def _attention_module(self, feature_layer: int) -> nn.Module:
-        # hidden_states[h] is the output of encoder layer h - 1 (hidden_states[0] is its input).
-        count = len(self.layers)
-        hidden = feature_layer if feature_layer >= 0 else count + 1 + feature_layer
-        if not 1 <= hidden <= count:
-            raise ValueError(
-                f"vision_feature_layer must select an encoder layer's output: an integer in "
-                f"-{count}..-1 or 1..{count}; got {feature_layer}"
-            )
-        return self.layers[hidden - 1].self_attn
+
+def feature_attention(model: nn.Module, layers: nn.ModuleList, arguments: dict[str, Any], strategy: str) -> nn.Module:
+    """The self-attention of the vision layer whose output feeds the projector in a feature call.
+
+    ``arguments`` are the call's (``vision_feature_layer`` and ``vision_feature_select_strategy``,
+    the config's when not given); ``ValueError`` unless the layer is one int and the strategy is
+    ``strategy`` ("default": [CLS] dropped; "full": towers without [CLS]).
+    """
+    config = model.config
+    layer = arguments.get("vision_feature_layer")
+    layer = config.vision_feature_layer if layer is None else layer
+    chosen = arguments.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
+    if not isinstance(layer, int) or chosen != strategy:
+        raise ValueError(
+            f"pruning needs one vision_feature_layer (an int) and vision_feature_select_strategy={strategy!r}; "
+            f"got {layer!r} and {chosen!r}"
+        )
+    # hidden_states[h] is the output of encoder layer h - 1 (hidden_states[0] is its input).
+    count = len(layers)
+    hidden = layer if layer >= 0 else count + 1 + layer
+    if not 1 <= hidden <= count:
+        raise ValueError(
+            f"vision_feature_layer must select an encoder layer's output: an integer in -{count}..-1 or 1..{count}; "
+            f"got {layer}"
+        )
+    return layers[hidden - 1].self_attn
 
 
 class ProjectorTap:
@@ -112,7 +120,7 @@ class ProjectorTap:
         return (features.view_as(inputs[0]), *inputs[1:])
 
 
-def _encoder_layers(tower: nn.Module) -> nn.ModuleList:
+def encoder_layers(tower: nn.Module) -> nn.ModuleList:
     for owner in (tower, getattr(tower, "vision_model", None)):
         layers = getattr(getattr(owner, "encoder", None), "layers", None)
         if isinstance(layers, nn.ModuleList):

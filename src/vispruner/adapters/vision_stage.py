@@ -70,6 +70,9 @@ class Modality:
         pixels: the ``forward`` argument holding its pixels.
         token_id: the config attribute holding its placeholder token id.
         arguments: further ``forward`` arguments the encoder takes, by the same name.
+        stacked: the stock encoder returns ``pooler_output`` as one (items, P, D) tensor (Gemma 3
+            images, LLaVA-OneVision videos) rather than a list of per-item tensors; while patched
+            it returns a list (each item carries its keep mask), and the forward gets a tensor.
     """
 
     name: str
@@ -77,6 +80,7 @@ class Modality:
     pixels: str
     token_id: str
     arguments: tuple[str, ...] = ()
+    stacked: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,15 +88,34 @@ class Item:
     """One image (or video) as the selection sees it: ``pieces`` grids of ``grid`` tokens.
 
     Its tokens are listed piece by piece, each piece in raster order of its grid. A piece is a
-    LLaVA-NeXT crop (base image first) or a Qwen-VL temporal group of frames.
+    LLaVA-NeXT crop (base image first), a Qwen-VL temporal group of frames, a video frame.
+    ``shapes``, when given, replaces ``pieces`` x ``grid`` by pieces of their own grids, and
+    ``crops`` says how many crops each stands for in a per-crop budget (LLaVA-OneVision: the
+    base crop, then the high-resolution grid as packed, unpadded and downsampled).
     """
 
     pieces: int
     grid: tuple[int, int]
+    shapes: tuple[tuple[int, int], ...] | None = None
+    crops: tuple[int, ...] | None = None
 
     @property
     def per_piece(self) -> int:
         return self.grid[0] * self.grid[1]
+
+    @property
+    def grids(self) -> tuple[tuple[int, int], ...]:
+        """The grid of each piece."""
+        return self.shapes if self.shapes is not None else (self.grid,) * self.pieces
+
+    @property
+    def size(self) -> int:
+        """Tokens of all pieces."""
+        return sum(rows * cols for rows, cols in self.grids)
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.grids)) <= 1
 
 
 class Tap(Protocol):
@@ -183,6 +206,7 @@ class Family:
             to each piece (LLaVA-NeXT crops, the authors' setting).
         original_positions_only: whether ``positions="original"`` is the only setting (3D
             positions gathered from the unpruned prompt have no renumbered counterpart).
+        language_stage: why LLM-stage methods (FastV) cannot run on it, or None if they can.
     """
 
     name: str
@@ -195,6 +219,7 @@ class Family:
     item_streams: tuple[str, ...] = ()
     shared_piece_budget: bool = False
     original_positions_only: bool = False
+    language_stage: str | None = None
 
 
 @dataclass
@@ -321,13 +346,18 @@ class VisionStagePruner:
 
         if "keep" not in chosen:
             raise RuntimeError(f"{type(tap.module).__name__} did not run inside {modality.encoder}")
-        sizes = [item.pieces * item.per_piece for item in items]
-        keeps = [keep.view(item.pieces, -1) for keep, item in zip(chosen["keep"].split(sizes), items)]
+        sizes = [item.size for item in items]
+        keeps = [_by_piece(keep, item) for keep, item in zip(chosen["keep"].split(sizes), items)]
         importants: list[torch.Tensor | None] = [None] * len(items)
         if chosen["important"] is not None:
-            importants = [i.view(item.pieces, -1) for i, item in zip(chosen["important"].split(sizes), items)]
-        selections = [ImageSelection(k, i, item.grid, modality.name) for k, i, item in zip(keeps, importants, items)]
+            importants = [_by_piece(i, item) for i, item in zip(chosen["important"].split(sizes), items)]
+        selections = [
+            ImageSelection(k, i, item.grid if item.uniform else (1, item.size), modality.name)
+            for k, i, item in zip(keeps, importants, items)
+        ]
         self.last = selections
+        if modality.stacked:
+            output.pooler_output = list(output.pooler_output)
         features = output.pooler_output if hasattr(output, "pooler_output") else output[1]
         for image, mask, selection in zip(features, self.vision.pack(modality, keeps, arguments), selections):
             if image.shape[0] != mask.shape[0]:
@@ -351,22 +381,25 @@ class VisionStagePruner:
         item needs it). Units of equal size, grid and budget share one batch.
         """
         settings = self.settings
-        units: dict[tuple[int, tuple[int, int], int], list[int]] = {}
+        units: dict[tuple[int, tuple[int, int] | None, int], list[int]] = {}
         start = 0
         for item in items:
-            size = item.per_piece
+            grids = item.grids
             if settings.budget == "per_crop":
                 if self.family.shared_piece_budget and settings.keep_ratio is None:
                     budgets = shared_tokens(settings.num_tokens, item.pieces)
+                elif settings.keep_ratio is None:
+                    budgets = [settings.num_tokens * crops for crops in item.crops or (1,) * len(grids)]
                 else:
-                    budgets = [settings.tokens_for(size)] * item.pieces
-                for piece, budget in enumerate(budgets):
-                    units.setdefault((size, item.grid, budget), []).append(start + piece * size)
+                    budgets = [settings.tokens_for(rows * cols) for rows, cols in grids]
+                for (rows, cols), budget in zip(grids, budgets):
+                    units.setdefault((rows * cols, (rows, cols), budget), []).append(start)
+                    start += rows * cols
             else:
-                whole = item.pieces * size
-                grid = (item.pieces * item.grid[0], item.grid[1])
-                units.setdefault((whole, grid, settings.tokens_for(whole)), []).append(start)
-            start += item.pieces * size
+                # The pieces stacked vertically: one grid when their widths agree.
+                grid = (sum(rows for rows, _ in grids), grids[0][1]) if len({c for _, c in grids}) == 1 else None
+                units.setdefault((item.size, grid, settings.tokens_for(item.size)), []).append(start)
+                start += item.size
 
         keep = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
         important = None
@@ -487,6 +520,13 @@ class VisionStagePruner:
             # Nothing to prune, or a placeholder mismatch the stock forward reports in its own words.
             reference = input_ids if input_ids is not None else embeds[..., 0]
             self.last_tokens = torch.ones(reference.shape, dtype=torch.bool, device=reference.device)
+            stock = {}
+            for modality in present:
+                if modality.stacked:
+                    stock[modality.name] = type(encoded[modality.name])(**encoded[modality.name])
+                    stock[modality.name].pooler_output = torch.stack(list(encoded[modality.name].pooler_output))
+            if stock:
+                arguments["mm_encoder_outputs"] = {**encoded, **stock}
             return original(**arguments)
         if isinstance(arguments.get("logits_to_keep"), torch.Tensor):
             raise NotImplementedError("logits_to_keep as a tensor of positions is not supported with pruning; pass an int")
@@ -515,6 +555,8 @@ class VisionStagePruner:
             masks = all_masks[modality.name]
             kept = type(output)(**output)
             kept.pooler_output = [item[mask.to(item.device)] for item, mask in zip(output.pooler_output, masks)]
+            if modality.stacked:  # the stock forward scatters the rows in order, whatever their grouping
+                kept.pooler_output = torch.cat(kept.pooler_output).unsqueeze(0)
             for name in self.family.item_streams:
                 layers = getattr(output, name, None)
                 if layers is not None:
@@ -556,6 +598,11 @@ class VisionStagePruner:
         if arguments.get("is_first_iteration") or hasattr(arguments.get("past_key_values"), PREFIX):
             return arguments.get("attention_mask")
         return original(*args, **kwargs)
+
+
+def _by_piece(flags: torch.Tensor, item: Item) -> torch.Tensor:
+    """An item's (T,) flags as (pieces, N) when its pieces are alike, else as one (1, T) row."""
+    return flags.view(item.pieces, -1) if item.uniform else flags.unsqueeze(0)
 
 
 def _cache_of(output: Any) -> Any:

@@ -6,6 +6,7 @@ costs depend on shapes, not on content.
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -120,5 +121,8 @@ def prompt_inputs(
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **images}
     if is_qwen(model):
         inputs["mm_token_type_ids"] = (input_ids == image_id).int()
+    if "token_type_ids" in inspect.signature(model.forward).parameters:
+        # Gemma 3: its image tokens attend to each other both ways, marked by token type 1.
+        inputs["token_type_ids"] = (input_ids == image_id).long()
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     return {name: value.to(model.device) for name, value in inputs.items()}

@@ -78,6 +78,76 @@ def _llava(text: dict, vision: dict, **extra) -> "PretrainedConfig":
 
 _NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
+
+def _siglip(image_size: int, layers: int) -> dict:
+    # google/siglip-so400m-patch14-384, the tower of LLaVA-OneVision (last layer dropped: 26) and
+    # of Gemma 3 (27 layers, run at 896 px).
+    return dict(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        image_size=image_size,
+        patch_size=14,
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6,
+        vision_use_head=False,
+    )
+
+
+def _onevision_7b() -> "PretrainedConfig":
+    """llava-hf/llava-onevision-qwen2-7b-ov-hf: SigLIP at 384 px (27 x 27 patches), anyres_max_9 over
+    grids of up to 6 x 6 crops, Qwen2-7B."""
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    text = Qwen2Config(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152128,
+        max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        rms_norm_eps=1e-6,
+        bos_token_id=151643,
+        pad_token_id=151643,
+    )
+    pinpoints = [[384 * rows, 384 * cols] for rows in range(1, 7) for cols in range(1, 7)]
+    return LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**_siglip(384, 26)),
+        text_config=text,
+        image_token_index=151646,
+        video_token_index=151647,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=pinpoints,
+        vision_aspect_ratio="anyres_max_9",
+    )
+
+
+def _gemma3_4b() -> "PretrainedConfig":
+    """google/gemma-3-4b-it: SigLIP at 896 px (64 x 64 patches pooled 4 x 4 to 256 tokens), a Gemma 3
+    language model with five sliding-window layers (1024) to each global one."""
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    text = Gemma3TextConfig(
+        hidden_size=2560,
+        intermediate_size=10240,
+        num_hidden_layers=34,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        sliding_window=1024,
+        vocab_size=262208,
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    )
+    return Gemma3Config(vision_config=SiglipVisionConfig(**_siglip(896, 27)), text_config=text, mm_tokens_per_image=256)
+
 # The tiny presets keep the LLaVA structure (feature layer -2 of a CLIP tower, a Llama language
 # model, here with grouped-query attention, deep enough for FastV at its default layer 2) at
 # sizes that run in milliseconds, for CI.
@@ -173,6 +243,8 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset("qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct", _qwen2_5_vl_7b),
         Preset("qwen3-vl-8b", "Qwen/Qwen3-VL-8B-Instruct", _qwen3_vl_8b),
+        Preset("llava-onevision-7b", "llava-hf/llava-onevision-qwen2-7b-ov-hf", _onevision_7b),
+        Preset("gemma-3-4b", "google/gemma-3-4b-it", _gemma3_4b),
         Preset("tiny-llava", "", lambda: _llava(_TINY_TEXT, _TINY_VISION, image_token_id=511)),
         Preset("tiny-qwen2.5-vl", "", _tiny_qwen2_5_vl),
         Preset(

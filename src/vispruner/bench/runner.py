@@ -115,8 +115,8 @@ def _parts(model: PreTrainedModel) -> dict[str, torch.nn.Module]:
         return {"vision_tower": inner.visual, "language_model": inner.language_model, "lm_head": model.lm_head}
     if inner is None or not all(hasattr(inner, name) for name in names) or not hasattr(model, "lm_head"):
         raise TypeError(
-            "bench supports LLaVA-1.5, LLaVA-NeXT and Qwen-VL models (LlavaForConditionalGeneration, "
-            f"LlavaNextForConditionalGeneration, Qwen2_5_VLForConditionalGeneration, ...); got {type(model).__name__}"
+            "bench supports models with a vision tower, a multimodal projector and a language model (LLaVA-1.5, "
+            f"LLaVA-NeXT, LLaVA-OneVision, Gemma 3) and Qwen-VL models; got {type(model).__name__}"
         )
     return {name: getattr(inner, name) for name in names} | {"lm_head": model.lm_head}
 
@@ -304,11 +304,16 @@ def run_bench(
 
 
 def _patches_per_crop(model: PreTrainedModel) -> int:
-    vision = model.config.vision_config
+    """Visual tokens of one crop as the language model receives them (the budget's unit)."""
+    config = model.config
     if is_qwen(model):
         return QWEN_SIDE_TOKENS**2
+    if hasattr(config, "mm_tokens_per_image"):  # Gemma 3: the patches pooled to this many tokens
+        return config.mm_tokens_per_image
+    vision = config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
-    return patches + (model.config.vision_feature_select_strategy == "full")
+    # "full" keeps CLIP's [CLS] as a token; SigLIP has none.
+    return patches + (config.vision_feature_select_strategy == "full" and vision.model_type == "clip_vision_model")
 
 
 def _finish_row(row: dict[str, Any], full: dict[str, Any], settings: BenchSettings) -> None:
