@@ -45,6 +45,23 @@ def test_cells_tile_the_grid_in_raster_order_with_balanced_sides(rows, cols, dat
         assert max(widths) - min(widths) <= 1
 
 
+@pytest.mark.parametrize(
+    "rows,cols,num_cells,expected",
+    [
+        # A LLaVA-NeXT image of three crops stacked (budget="per_image"): 5 bands, not 2 of 12 x 2.
+        (24, 8, 8, [(0, 4, 0, 8), (4, 9, 0, 4), (4, 9, 4, 8), (9, 14, 0, 8),
+                    (14, 19, 0, 4), (14, 19, 4, 8), (19, 24, 0, 4), (19, 24, 4, 8)]),
+        (8, 24, 8, [(0, 4, 0, 6), (0, 4, 6, 12), (0, 4, 12, 18), (0, 4, 18, 24),
+                    (4, 8, 0, 6), (4, 8, 6, 12), (4, 8, 12, 18), (4, 8, 18, 24)]),
+    ],
+)
+def test_cells_of_a_non_square_grid_worked_out_by_hand(rows, cols, num_cells, expected):
+    # From the documented rule: bands = round(sqrt(8 * 24 / 8)) = 5 (tall) and
+    # round(sqrt(8 * 8 / 24)) = 2 (wide); the 3 bands of the tall grid taking a second cell are
+    # bands 1, 3 and 4 ((b + 1) * 3 // 5 - b * 3 // 5); boundaries floor(i * L / n).
+    assert pooling_cells(rows, cols, num_cells) == expected
+
+
 @settings(max_examples=100, deadline=None)
 @given(problems())
 def test_kept_tokens_hold_their_cell_means(problem):
