@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import StaticCache
 
 import vispruner
 from vispruner.methods import available_methods, get_method
+
+from tests.tiny_models import VOCAB, tiny_inputs
 
 from .cases import FAMILIES, TEXTS, model_and_inputs
 from .reference import continuation_logits, greedy, lm_logits, reference_images, reference_loss, reference_sequences
@@ -124,9 +127,30 @@ def test_forward_with_labels_matches_reference_loss(family):
         torch.testing.assert_close(out.logits[row, -1], lm_logits(model, embeds)[-1], rtol=1e-4, atol=1e-5)
 
 
+def test_a_static_cache_reset_and_reused_by_a_text_only_prompt():
+    # As a compiled decoding set-up does: one StaticCache, reset between calls. The text-only
+    # prompt after a pruned one must not be read with the old prompt's compacted layout.
+    model, inputs, _, rows = prepared("llava")
+    text = tiny_inputs(model, ["w1 w2 w3", "w4 w5"])
+    text_rows = reference_sequences(model, text["input_ids"], text["attention_mask"], [])
+    cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=128)
+    for batch, expected in ((inputs, rows), (text, text_rows)):
+        cache.reset()
+        out = model.generate(**batch, max_new_tokens=STEPS, do_sample=False, past_key_values=cache)
+        assert out[:, prompt_length(batch) :].tolist() == [greedy(model, embeds, STEPS) for embeds, _ in expected]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_inputs_embeds_and_a_hand_written_decode_loop(family):
-    model, inputs, _, rows = prepared(family)
+    model, inputs = model_and_inputs(family)
+    # Placeholders are the embeddings equal to the image token's in every coordinate: a word
+    # whose embedding shares half of them is still text.
+    table = model.get_input_embeddings().weight
+    with torch.no_grad():
+        table[VOCAB.index("w1"), : table.shape[1] // 2] = table[model.config.image_token_id, : table.shape[1] // 2]
+    images = reference_images(model, inputs["pixel_values"], inputs.get("image_sizes"), NUM_TOKENS)
+    rows = reference_sequences(model, inputs["input_ids"], inputs["attention_mask"], images)
+    vispruner.apply(model, NUM_TOKENS)
     with torch.no_grad():
         embeds = model.get_input_embeddings()(inputs["input_ids"])
     fields = {k: v for k, v in inputs.items() if k != "input_ids"}
