@@ -170,9 +170,15 @@ def test_inputs_embeds_and_a_hand_written_decode_loop(family):
 def test_decode_loop_without_position_ids(family, with_mask):
     # generate() always passes position_ids; a user's own loop often passes none, so each step's
     # positions come from the cache length and the tokens pruned from the row. Several steps,
-    # then one step of two tokens; without a mask, one unpadded prompt (the mask is all ones).
-    texts = TEXTS if with_mask else ["w3 <image> w4 w5"]
+    # then one step of two tokens. Without a mask: two unpadded prompts of one length, with one
+    # image and with two, which pruning leaves uneven (the compacted prefill is padded).
+    texts = TEXTS
+    if not with_mask:
+        _, single = model_and_inputs(family, texts=["<image>"])
+        placeholders = int(single["attention_mask"].sum())
+        texts = ["<image> " + " ".join(["w4"] * (placeholders + 1)), "<image> w5 <image>"]
     model, inputs = model_and_inputs(family, texts=texts)
+    assert with_mask or inputs["attention_mask"].all()
     images = reference_images(model, inputs["pixel_values"], inputs.get("image_sizes"), NUM_TOKENS)
     rows = reference_sequences(model, inputs["input_ids"], inputs["attention_mask"], images)
     vispruner.apply(model, NUM_TOKENS)
