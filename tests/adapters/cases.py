@@ -3,6 +3,8 @@ one prompt, and for LLaVA-NeXT three crop grids (1x2 and 2x1 with unpadding, 2x2
 
 from __future__ import annotations
 
+import torch
+
 from tests.tiny_models import tiny_inputs, tiny_llava, tiny_llava_next
 
 TEXTS = ["w1 w2 <image> w3", "<image> w4 <image> w5 w6 w7"]
@@ -12,9 +14,33 @@ SIZES = {"llava": None, "llava_next": [(20, 60), (64, 30), (60, 60)]}
 FAMILIES = tuple(BUILDERS)
 
 
-def model_and_inputs(family: str, attn_implementation: str = "sdpa", texts: list[str] = TEXTS):
-    model = BUILDERS[family](attn_implementation=attn_implementation)
+#: LLaVA-NeXT's image size in other prompts than TEXTS.
+OTHER_SIZE = {"llava": None, "llava_next": (40, 50)}
+
+
+def model_and_inputs(family: str, attn_implementation: str = "sdpa", texts: list[str] = TEXTS, **build):
+    model = BUILDERS[family](attn_implementation=attn_implementation, **build)
+    return model, inputs_for(model, family, texts)
+
+
+def inputs_for(model, family: str, texts: list[str]):
     sizes = SIZES[family] if texts is TEXTS else None
-    if sizes is None and family == "llava_next":
-        sizes = [(40, 50)] * sum(text.count("<image>") for text in texts)
-    return model, tiny_inputs(model, texts, image_sizes=sizes)
+    if sizes is None and OTHER_SIZE[family] is not None:
+        sizes = [OTHER_SIZE[family]] * sum(text.count("<image>") for text in texts)
+    return tiny_inputs(model, texts, image_sizes=sizes)
+
+
+def equal_length_texts(model, family: str) -> list[str]:
+    """Two prompts of one length, so unpadded, with one image and with two: pruning keeps
+    different numbers of their tokens, and the compacted batch is padded though the input is not."""
+    placeholders = int(inputs_for(model, family, ["<image>"])["attention_mask"].sum())
+    return ["<image> " + " ".join(["w4"] * (placeholders + 1)), "<image> w5 <image>"]
+
+
+def right_padded(inputs) -> dict:
+    """``inputs`` with each row's padding moved from the left to the right, as in training batches."""
+    order = torch.argsort((inputs["attention_mask"] == 0).long(), dim=1, stable=True)
+    moved = dict(inputs)
+    for name in ("input_ids", "attention_mask"):
+        moved[name] = inputs[name].gather(1, order)
+    return moved

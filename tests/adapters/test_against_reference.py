@@ -17,7 +17,7 @@ from vispruner.methods import available_methods, get_method
 
 from tests.tiny_models import VOCAB, tiny_inputs
 
-from .cases import FAMILIES, TEXTS, model_and_inputs
+from .cases import FAMILIES, equal_length_texts, inputs_for, model_and_inputs, right_padded
 from .reference import continuation_logits, greedy, lm_logits, reference_images, reference_loss, reference_sequences
 
 NUM_TOKENS = 8
@@ -114,8 +114,11 @@ def test_beam_search_scores_match_reference(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_forward_with_labels_matches_reference_loss(family):
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_forward_with_labels_matches_reference_loss(family, padding):
     model, inputs, _, rows = prepared(family)
+    if padding == "right":
+        inputs = right_padded(inputs)
     labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.image_token_id, -100)
     # Padding, and each row's first token, which nothing before it in the row predicts.
     first = inputs["attention_mask"].cumsum(dim=1) == 1
@@ -124,7 +127,20 @@ def test_forward_with_labels_matches_reference_loss(family):
     expected = reference_loss(model, rows, inputs["input_ids"], labels, inputs["attention_mask"])
     torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
     for row, (embeds, _) in enumerate(rows):
+        # The compacted batch is left padded whatever the input's side: a row's last token is last.
         torch.testing.assert_close(out.logits[row, -1], lm_logits(model, embeds)[-1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpadded_batch_that_pruning_leaves_uneven(family):
+    # generate() drops the all-ones mask: decode steps rebuild it from the compacted prefill's.
+    model, _ = model_and_inputs(family)
+    inputs = inputs_for(model, family, equal_length_texts(model, family))
+    images = reference_images(model, inputs["pixel_values"], inputs.get("image_sizes"), NUM_TOKENS)
+    rows = reference_sequences(model, inputs["input_ids"], inputs["attention_mask"], images)
+    vispruner.apply(model, NUM_TOKENS)
+    out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+    assert out[:, prompt_length(inputs) :].tolist() == [greedy(model, embeds, STEPS) for embeds, _ in rows]
 
 
 def test_a_static_cache_reset_and_reused_by_a_text_only_prompt():
@@ -172,13 +188,10 @@ def test_decode_loop_without_position_ids(family, with_mask):
     # positions come from the cache length and the tokens pruned from the row. Several steps,
     # then one step of two tokens. Without a mask: two unpadded prompts of one length, with one
     # image and with two, which pruning leaves uneven (the compacted prefill is padded).
-    texts = TEXTS
+    model, inputs = model_and_inputs(family)
     if not with_mask:
-        _, single = model_and_inputs(family, texts=["<image>"])
-        placeholders = int(single["attention_mask"].sum())
-        texts = ["<image> " + " ".join(["w4"] * (placeholders + 1)), "<image> w5 <image>"]
-    model, inputs = model_and_inputs(family, texts=texts)
-    assert with_mask or inputs["attention_mask"].all()
+        inputs = inputs_for(model, family, equal_length_texts(model, family))
+        assert inputs["attention_mask"].all()
     images = reference_images(model, inputs["pixel_values"], inputs.get("image_sizes"), NUM_TOKENS)
     rows = reference_sequences(model, inputs["input_ids"], inputs["attention_mask"], images)
     vispruner.apply(model, NUM_TOKENS)

@@ -12,7 +12,7 @@ import torch
 
 import vispruner
 
-from .cases import BUILDERS, FAMILIES, SIZES, TEXTS
+from .cases import BUILDERS, FAMILIES, SIZES, TEXTS, equal_length_texts, inputs_for, right_padded
 from .reference_fastv import fastv_greedy, fastv_logits, prompt_rows
 from tests.tiny_models import tiny_inputs
 
@@ -66,6 +66,22 @@ def test_single_unpadded_prompt_matches_reference(family):
     assert new_tokens(out, inputs) == [fastv_greedy(model, embeds, groups, 2, NUM_TOKENS, STEPS)[0]]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpadded_batch_that_pruning_leaves_uneven(family):
+    # generate() drops the all-ones mask: the layers after the cut rebuild it from the compacted
+    # prefill's, over their own (shorter) cache.
+    model, _ = model_and_inputs(family)
+    inputs = inputs_for(model, family, equal_length_texts(model, family))
+    rows = prompt_rows(model, inputs)
+    vispruner.apply(model, NUM_TOKENS, method="fastv")
+    out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    logits = torch.stack(out.logits, dim=1)
+    for row, (embeds, groups) in enumerate(rows):
+        tokens, expected = fastv_greedy(model, embeds, groups, 2, NUM_TOKENS, STEPS)
+        assert new_tokens(out.sequences, inputs)[row] == tokens
+        torch.testing.assert_close(logits[row], expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("budget", ["per_crop", "per_image"])
 def test_llava_next_budgets_match_reference(budget):
     model, inputs = model_and_inputs("llava_next")
@@ -82,8 +98,12 @@ def test_llava_next_budgets_match_reference(budget):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_forward_with_labels_matches_reference_loss(family):
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_forward_with_labels_matches_reference_loss(family, padding):
+    # With right padding (training batches), each row's last real token is not the last column.
     model, inputs = model_and_inputs(family)
+    if padding == "right":
+        inputs = right_padded(inputs)
     rows = prompt_rows(model, inputs)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     # Image tokens, padding, and each row's first token, which nothing before it in the row predicts.
