@@ -32,8 +32,9 @@ def apply(
 
     Args:
         model: a ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
-            ``Qwen2VLForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``
-            (docs/models.md lists what each supports).
+            ``LlavaOnevisionForConditionalGeneration``, ``Gemma3ForConditionalGeneration``,
+            ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``, ... (the
+            ``TypeError`` for any other lists them; docs/models.md says what each supports).
         num_tokens: visual tokens kept per crop (``budget="per_crop"``) or per image
             (``"per_image"``); LLaVA-1.5 has one crop per image. At least the number of patches
             (576 at 336 px) reproduces the unpatched model exactly. Default 64 unless
