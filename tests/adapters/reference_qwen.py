@@ -219,3 +219,53 @@ def reference_loss(model, rows, inputs, labels):
         total = total + F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
         count += int((targets != -100).sum())
     return total / count
+
+
+def fastv_greedy(model, row, layer, num_tokens, steps):
+    """Greedy tokens of FastV run by hand on one unpadded row (images only: each placeholder run
+    is one image, one group): decoder layers one by one, no cache, the last prompt token's
+    attention in layer ``layer - 1`` from the full matrix, the image tokens it attends to least
+    dropped from layer ``layer`` on, every kept token at its 3D position."""
+    language_model = model.model.language_model
+    visual = row.sources == -1
+    starts = torch.cat([visual[:1], visual[1:] & ~visual[:-1]])
+    groups = torch.where(visual, starts.long().cumsum(0) - 1, -1)
+    tokens: list[int] = []
+    for _ in range(steps):
+        embeds, positions = row.embeds, row.positions
+        with torch.no_grad():
+            if tokens:
+                embeds = torch.cat([embeds, model.get_input_embeddings()(torch.tensor(tokens))])
+                steps_at = torch.arange(row.next_position, row.next_position + len(tokens)).expand(3, -1)
+                positions = torch.cat([positions, steps_at], dim=1)
+            hidden, prompt = embeds[None], len(row.embeds)
+            keep = torch.ones(len(embeds), dtype=torch.bool)
+            for index, block in enumerate(language_model.layers):
+                if index == layer:
+                    hidden, positions = hidden[:, keep], positions[:, keep]
+                cos, sin = language_model.rotary_emb(hidden, positions[:, None])
+                length = hidden.shape[1]
+                causal = torch.full((length, length), torch.finfo(hidden.dtype).min).triu(1)[None, None]
+                if index == layer - 1:
+                    attention = block.self_attn
+                    normed = block.input_layernorm(hidden)
+                    shape = (1, length, -1, attention.head_dim)
+                    query, key = attention.q_proj(normed).view(shape), attention.k_proj(normed).view(shape)
+                    if hasattr(attention, "q_norm"):
+                        query, key = attention.q_norm(query), attention.k_norm(key)
+                    rotate = __import__(type(attention).__module__, fromlist=["x"]).apply_rotary_pos_emb
+                    query, key = rotate(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+                    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+                    scores = (query @ key.transpose(-1, -2) * attention.scaling + causal).softmax(-1)
+                    row_scores = scores[0, :, prompt - 1].mean(0)
+                    for group in range(int(groups.max()) + 1):
+                        members = [i for i in range(prompt) if groups[i] == group]
+                        ranked = sorted(members, key=lambda i: (-float(row_scores[i]), i))
+                        keep[ranked[num_tokens:]] = False
+                hidden = block(hidden, attention_mask=causal, position_embeddings=(cos, sin), position_ids=None)
+                if index < len(row.deepstack):
+                    assert index < layer, "the reference adds deepstack features before the cut only"
+                    hidden[0, torch.cat([visual, torch.zeros(len(tokens), dtype=torch.bool)])] += row.deepstack[index]
+            logits = model.lm_head(language_model.norm(hidden))[0]
+        tokens.append(int(logits[-1].argmax()))
+    return tokens

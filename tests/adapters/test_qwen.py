@@ -14,7 +14,15 @@ from vispruner.adapters.qwen_vision import IMAGE, QwenVision
 from vispruner.methods import available_methods, get_method
 
 from ..tiny_qwen import BUILDERS, FRAMES_SEPARATED, IMAGE_ID, tiny_qwen_inputs
-from .reference_qwen import continuation_logits, greedy, reference_items, reference_loss, reference_rows, tower_signals
+from .reference_qwen import (
+    continuation_logits,
+    fastv_greedy,
+    greedy,
+    reference_items,
+    reference_loss,
+    reference_rows,
+    tower_signals,
+)
 
 FAMILIES = tuple(BUILDERS)
 #: The window-ordered tower and the deepstack one: where the full matrices run.
@@ -205,3 +213,14 @@ def test_fastv_cut_before_a_deepstack_layer_adds_features_to_kept_tokens_only():
     assert (length0, masked0, rows0) == (full, visual, visual)
     kept = sum(int(s.keep.sum()) for s in vispruner.last_selection(model))
     assert length1 < full and masked1 == rows1 == kept
+
+
+@pytest.mark.parametrize("family", CORE)
+def test_fastv_greedy_tokens_match_a_hand_run_of_the_layers(family):
+    model = BUILDERS[family](text_layers=4)
+    inputs = inputs_for(family, IMAGES)
+    everything = reference_items(model, inputs["pixel_values"], inputs["image_grid_thw"], 10**6, "random")
+    rows = reference_rows(model, inputs, everything, [])
+    vispruner.apply(model, NUM_TOKENS, method="fastv", layer=2)
+    out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+    assert out[:, prompt_length(inputs) :].tolist() == [fastv_greedy(model, row, 2, NUM_TOKENS, STEPS) for row in rows]
