@@ -93,6 +93,8 @@ def test_chunked_batch_equals_its_images_one_at_a_time(monkeypatch, per_chunk):
     length = tokens - num_tokens // 2
     # Chunks of ``per_chunk`` images: 5 images make 5 chunks, or 2 + 2 + 1.
     monkeypatch.setattr(vispruner_module, "CPU_CHUNK_BYTES", per_chunk * 4 * length * (dim + length))
+    # Submatrices copied a few rows at a time as well.
+    monkeypatch.setattr(vispruner_module, "SUBMATRIX_BLOCK", 1000)
     chunks = vispruner_module._batch_chunks(features, length)
     assert chunks[0] == slice(0, per_chunk) and len(chunks) == -(-batch // per_chunk)
     batched = vispruner.select(features, attention, num_tokens)

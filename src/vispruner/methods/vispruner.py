@@ -273,10 +273,23 @@ def _rows(matrix: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return flat.view(batch, index.shape[1], width)
 
 
+#: Elements of the whole rows that :func:`_submatrix` copies at a time (64 MiB of float32).
+SUBMATRIX_BLOCK = 2**24
+
+
 def _submatrix(matrix: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """matrix[b][index[b]][:, index[b]]: (B, K, K)."""
-    rows = _rows(matrix, index)
-    return torch.gather(rows, 2, index.unsqueeze(1).expand(-1, index.shape[1], -1))
+    batch, length, _ = matrix.shape
+    count = index.shape[1]
+    out = matrix.new_empty(batch, count, count)
+    # Whole rows first (contiguous copies), then the columns within them, a block of rows at a
+    # time: the rows of all K tokens at once would cost half the matrix again in memory.
+    block = max(1, SUBMATRIX_BLOCK // (batch * length))
+    columns = index.unsqueeze(1)
+    for start in range(0, count, block):
+        rows = _rows(matrix, index[:, start : start + block])
+        out[:, start : start + block] = torch.gather(rows, 2, columns.expand(-1, rows.shape[1], -1))
+    return out
 
 
 def _from_signals(signals: VisionSignals, num_tokens: int, important_ratio: float = 0.5) -> Selection:
