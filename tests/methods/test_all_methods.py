@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -49,3 +51,19 @@ def test_bad_budget_names_num_tokens(name, num_tokens):
     signals = VisionSignals(torch.randn(2, 12, 4), torch.rand(2, 12), torch.randn(2, 12, 3), (3, 4), torch.randn(2, 12, 5))
     with pytest.raises(ValueError, match=r"num_tokens must be an integer >= 1"):
         get_method(name).select(signals, num_tokens)
+
+
+@pytest.mark.parametrize("name", VISION_METHODS)
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_one_non_finite_value_is_refused(name, value):
+    # One bad entry among finite ones, at neither end of the tensor.
+    features, projected, attention = torch.randn(2, 12, 4), torch.randn(2, 12, 5), torch.rand(2, 12)
+    features[1, 5, 2] = projected[1, 5, 2] = value
+    signals = VisionSignals(features, attention, torch.randn(2, 12, 3), (3, 4), projected)
+    with pytest.raises(ValueError, match="features must be finite"):
+        get_method(name).select(signals, 3)
+    if "attention" in get_method(name).needs:
+        features[1, 5, 2] = projected[1, 5, 2] = 0.0
+        attention[0, 7] = value
+        with pytest.raises(ValueError, match="attention must be finite"):
+            get_method(name).select(signals, 3)
