@@ -31,7 +31,7 @@ from torch import nn
 
 from ..methods.fastv import DEFAULT_LAYER, LanguageSignals, check_layer
 from .attention_row import ProjectionCapture, head_averaged_row
-from .patching import InstancePatch, bind_arguments
+from .patching import InstancePatch, Outermost, bind_arguments
 from .sequence import CompactedPrefix, CompactedSequence, compact
 from .budget import shared_tokens
 from .vision_stage import PRUNER, Family, ImageSelection, Item, Modality, Settings
@@ -100,7 +100,7 @@ class LanguageStagePruner:
         self._step: _Step | None = None
         self._patch = InstancePatch()
         self._handles: list[Any] = []
-        self._encoding = False
+        self._outermost = Outermost()
 
     def install(self) -> None:
         for modality in self.family.modalities:
@@ -126,19 +126,12 @@ class LanguageStagePruner:
 
     def _encoder(self, modality: Modality) -> Callable[..., Any]:
         def wrapper(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            # Qwen3-VL's get_video_features calls get_image_features: the outer call counts.
-            if self._encoding:
-                return original(*args, **kwargs)
             arguments = bind_arguments(original, args, kwargs)
             self._encoder_arguments[modality.name] = arguments
             self._items[modality.name] = self.vision.items(modality, arguments)
-            self._encoding = True
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self._encoding = False
+            return original(*args, **kwargs)
 
-        return wrapper
+        return self._outermost(wrapper)
 
     def _forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         arguments = bind_arguments(original, args, kwargs)

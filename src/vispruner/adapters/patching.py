@@ -46,6 +46,27 @@ class InstancePatch:
                 setattr(owner, name, previous)
 
 
+class Outermost:
+    """Runs a wrapper for the outermost of nested calls only; calls made inside it go straight
+    to the original (Qwen3-VL's ``get_video_features`` calls ``get_image_features``, and both
+    are wrapped)."""
+
+    def __init__(self) -> None:
+        self.active = False
+
+    def __call__(self, wrapper: Callable[..., Any]) -> Callable[..., Any]:
+        def guarded(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            if self.active:
+                return original(*args, **kwargs)
+            self.active = True
+            try:
+                return wrapper(original, *args, **kwargs)
+            finally:
+                self.active = False
+
+        return guarded
+
+
 def bind_arguments(function: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The call's arguments by name, ``**kwargs`` merged in, so that it can be replayed as ``function(**bound)``."""
     signature = inspect.signature(function)

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..methods.base import Method, VisionSignals
 from .budget import ratio_tokens, shared_tokens
-from .patching import InstancePatch, bind_arguments
+from .patching import InstancePatch, Outermost, bind_arguments
 from .sequence import CompactedPrefix, compact
 
 #: Attribute of a patched model holding its :class:`VisionStagePruner`.
@@ -292,7 +292,7 @@ class VisionStagePruner:
         #: (B, L) bool: the tokens of the last pruned prefill that reached the language model.
         self.last_tokens: torch.Tensor | None = None
         self._patch = InstancePatch()
-        self._encoding = False
+        self._outermost = Outermost()
 
     def install(self) -> None:
         from transformers.generation.utils import create_masks_for_generate
@@ -313,16 +313,9 @@ class VisionStagePruner:
 
     def _encoder(self, modality: Modality) -> Callable[..., Any]:
         def wrapper(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            # Qwen3-VL's get_video_features calls get_image_features: the outer call selects.
-            if self._encoding:
-                return original(*args, **kwargs)
-            self._encoding = True
-            try:
-                return self._encode(modality, original, args, kwargs)
-            finally:
-                self._encoding = False
+            return self._encode(modality, original, args, kwargs)
 
-        return wrapper
+        return self._outermost(wrapper)
 
     def _encode(self, modality: Modality, original: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
         arguments = bind_arguments(original, args, kwargs)
