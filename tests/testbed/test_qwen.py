@@ -163,3 +163,31 @@ def test_testbed_qwen_without_weights_is_a_usage_error(tmp_path, monkeypatch, ca
     monkeypatch.setattr(qwen, "WEIGHTS", tmp_path / "missing")
     assert main(["eval", "--model", "testbed-qwen", "--n", "1"]) == 2
     assert "--model 'testbed-qwen': its weights are not installed" in capsys.readouterr().err
+
+
+def test_decoder_started_from_the_llava_testbed_reads_text_as_it_does(processor):
+    """On a text-only prompt (where M-RoPE is plain RoPE), the copied decoder computes the LLaVA
+    testbed's logits word for word: a wrong row mapping or a missed layer would not."""
+    from vispruner.testbed.train import start_from_testbed_decoder
+
+    donor, donor_processor = load_testbed()
+    model = qwen.build_model(processor, seed=3)
+    start_from_testbed_decoder(model, processor, log=lambda line: None)
+    words = "user : what color is the circle ? assistant :".split()
+    ids = torch.tensor([processor.tokenizer.convert_tokens_to_ids(words)])
+    donor_ids = torch.tensor([donor_processor.tokenizer.convert_tokens_to_ids(words)])
+    assert not torch.equal(ids, donor_ids)  # the numbering differs: the mapping is exercised
+    with torch.no_grad():
+        ours = model.lm_head(model.model.language_model(input_ids=ids).last_hidden_state)
+        theirs = donor.lm_head(donor.model.language_model(input_ids=donor_ids).last_hidden_state)
+    shared = [w for w in donor_processor.tokenizer.get_vocab() if w in processor.tokenizer.get_vocab()]
+    columns = torch.tensor(processor.tokenizer.convert_tokens_to_ids(shared))
+    donor_columns = torch.tensor(donor_processor.tokenizer.convert_tokens_to_ids(shared))
+    torch.testing.assert_close(ours[..., columns], theirs[..., donor_columns], atol=1e-5, rtol=1e-5)
+
+
+def test_an_unknown_decoder_start_is_refused():
+    from vispruner.testbed.train import train
+
+    with pytest.raises(ValueError, match="language_init must be None or 'testbed'"):
+        train(arch="qwen", language_init="llama")

@@ -114,7 +114,9 @@ def build_model(processor: Qwen2_5_VLProcessor, seed: int = 0) -> Qwen2_5_VLForC
         "intermediate_size": 384,
         "num_hidden_layers": 4,
         "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+        # The LLaVA testbed's decoder shape and norm, so that training can start from it (train.py).
+        "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-6,
         "max_position_embeddings": 256,
         # M-RoPE: the 16 rotary frequencies of a 32-wide head split between time, row and column.
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
