@@ -121,3 +121,16 @@ def test_batches_cover_every_request_once_grouped_and_longest_first(rows, size):
     for batch in out:
         assert 1 <= len(batch) <= size and len({keys[i] for i in batch}) == 1
         assert [lengths[i] for i in batch] == sorted((lengths[i] for i in batch), reverse=True)
+
+
+def test_testbed_qwen_loads_by_name_and_answers_as_the_eval_path(testbed):
+    """The plugin's Qwen path end to end: loaded by name (its processor assembled offline),
+    pruned as the model args say, batched generation equal to ``vispruner eval``'s answers."""
+    _, _, samples = testbed
+    model, processor = load(parse_model_args({"pretrained": "testbed-qwen", "num_tokens": 7}), "cpu")
+    assert model.config.model_type == "qwen2_5_vl"
+    replies = generate(model, processor, requests(samples), Generation(until=("</s>",), max_new_tokens=3))
+    assert all(int(s.keep.sum()) == 7 for s in vispruner.last_selection(model))
+    reference = [answer(model, processor, [s.scene.render()], [s.question.text], 3)[0] for s in samples]
+    assert [r.split()[0] if r.split() else "" for r in replies] == reference
+    assert sum(r.split()[0] == s.question.answer for r, s in zip(replies, samples) if r.split()) >= 6

@@ -191,3 +191,15 @@ def test_an_unknown_decoder_start_is_refused():
 
     with pytest.raises(ValueError, match="language_init must be None or 'testbed'"):
         train(arch="qwen", language_init="llama")
+
+
+def test_bundled_qwen_testbed_loads_offline_and_answers_most_held_out_questions(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from vispruner.testbed.model import load_model
+
+    model, processor = load_model("testbed-qwen")
+    assert model.config.model_type == "qwen2_5_vl"
+    samples = held_out(48, seed=5)
+    replies = answer(model, processor, [s.scene.render() for s in samples], [s.question.text for s in samples])
+    right = sum(r == s.question.answer for r, s in zip(replies, samples))
+    assert right / len(samples) >= 0.7  # measured >= 85% on 1000; 48 questions leave room for chance

@@ -15,7 +15,7 @@ LOADING = ("dtype", "device_map", "attn_implementation", "device", "batch_size",
 
 @dataclass(frozen=True)
 class ModelArgs:
-    pretrained: str  # "testbed", a checkpoint path or a hub id
+    pretrained: str  # "testbed", "testbed-qwen", a checkpoint path or a hub id
     method: str  # a registered method, or UNPRUNED
     pruning: dict[str, Any] = field(default_factory=dict)  # keyword arguments of vispruner.apply
     dtype: str = "auto"
@@ -33,7 +33,7 @@ def parse_model_args(given: dict[str, Any]) -> ModelArgs:
     args = {key: value for key, value in given.items() if value is not None}
     pretrained = args.pop("pretrained", None)
     if not isinstance(pretrained, str) or not pretrained:
-        raise ValueError("model_args pretrained is required: 'testbed' or a checkpoint path or hub id")
+        raise ValueError("model_args pretrained is required: 'testbed', 'testbed-qwen' or a checkpoint path or hub id")
     method = args.pop("method", "vispruner")
     if method != UNPRUNED and method not in available_methods():
         raise ValueError(f"model_args method must be {UNPRUNED!r} or one of {', '.join(available_methods())}; got {method!r}")

@@ -9,11 +9,11 @@ from .arguments import UNPRUNED, ModelArgs, check_pruning
 
 
 def checkpoint(pretrained: str) -> tuple[str, bool]:
-    """``(path or hub id, local only)``; ``"testbed"`` is the bundled testbed."""
-    if pretrained == "testbed":
-        from vispruner.testbed.model import WEIGHTS
+    """``(path or hub id, local only)``; ``"testbed"`` and ``"testbed-qwen"`` are the bundled testbeds."""
+    from vispruner.testbed.model import TESTBEDS, testbed_weights
 
-        return str(WEIGHTS), True
+    if pretrained in TESTBEDS:
+        return str(testbed_weights(pretrained)), True
     return pretrained, Path(pretrained).is_dir()
 
 
@@ -40,6 +40,7 @@ def load(args: ModelArgs, device: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import vispruner
+    from vispruner.testbed.model import TESTBEDS, testbed_processor
 
     path, local = checkpoint(args.pretrained)
     extra = {} if args.attn_implementation is None else {"attn_implementation": args.attn_implementation}
@@ -48,7 +49,10 @@ def load(args: ModelArgs, device: Any) -> tuple[Any, Any]:
     )
     if args.device_map is None:
         model.to(device)
-    processor = AutoProcessor.from_pretrained(path, local_files_only=local)
+    if args.pretrained in TESTBEDS:
+        processor = testbed_processor(Path(path), model.config.model_type)
+    else:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=local)
     if not getattr(processor, "chat_template", None):
         raise ValueError(f"model_args pretrained: {args.pretrained!r} has no chat template; the plugin prompts through it")
     processor.tokenizer.padding_side = "left"  # batched generation continues every row at the same column

@@ -22,7 +22,7 @@ from .loading import check_checkpoint, load
 class VisPruner(lmms):
     """``lmms-eval --model vispruner --model_args pretrained=ID,method=vispruner,num_tokens=64,...``
 
-    ``pretrained`` is ``testbed`` (the bundled model), a path or a hub id of any family that
+    ``pretrained`` is ``testbed`` or ``testbed-qwen`` (the bundled models), a path or a hub id of any family that
     :func:`vispruner.apply` supports (read from its config); ``method=none`` evaluates it
     unpruned. Every other key is an :func:`vispruner.apply` argument (``num_tokens``,
     ``keep_ratio``, ``important_ratio``, ``budget``, the method's options) or ``dtype``,

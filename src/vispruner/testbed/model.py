@@ -151,9 +151,7 @@ def load_model(name: str = "testbed") -> tuple[Any, Any]:
 def load_testbed(path: str | Path | None = None) -> tuple[Any, Any]:
     """The bundled LLaVA testbed's model and processor (or the testbed saved at ``path``, LLaVA
     or Qwen), loaded offline."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from . import qwen
+    from transformers import AutoModelForImageTextToText
 
     path = Path(path) if path is not None else WEIGHTS
     if not (path / "config.json").is_file():
@@ -162,11 +160,19 @@ def load_testbed(path: str | Path | None = None) -> tuple[Any, Any]:
             "train one with `python -m vispruner.testbed.train`"
         )
     model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
-    if model.config.model_type == "qwen2_5_vl":
-        processor = qwen.load_processor(path)
-    else:
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    return model.eval(), processor
+    return model.eval(), testbed_processor(path, model.config.model_type)
+
+
+def testbed_processor(path: Path, model_type: str) -> Any:
+    """The processor of the testbed saved at ``path``, offline; a Qwen testbed's is assembled
+    without torchvision (see :func:`vispruner.testbed.qwen.assemble_processor`)."""
+    from transformers import AutoProcessor
+
+    from . import qwen
+
+    if model_type == "qwen2_5_vl":
+        return qwen.load_processor(path)
+    return AutoProcessor.from_pretrained(path, local_files_only=True)
 
 
 def prompt(processor: Any, question: str) -> str:
