@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 
@@ -145,6 +146,11 @@ def visual_tokens_of(model: str) -> int:
     from vispruner.testbed.model import TESTBEDS, testbed_weights
     from vispruner.testbed.scenes import IMAGE_SIZE
 
+    if model not in TESTBEDS and "/" not in model and not Path(model).exists():
+        # A mistyped testbed name would otherwise be asked of the hub (and warn of the network).
+        raise UsageError(
+            f"--model {model!r}: not a bundled testbed ({', '.join(TESTBEDS)}), a local folder or a hub id (owner/name)"
+        )
     if model in TESTBEDS and not (testbed_weights(model) / "config.json").is_file():
         arch = "qwen" if model == "testbed-qwen" else "llava"
         raise UsageError(
