@@ -26,6 +26,14 @@ def test_viz_is_an_attribute_of_the_package_and_stays_light():
     assert out.stdout.strip() == "[]"
 
 
+def test_cli_parser_stays_light():
+    """--help and one-line usage errors must not pay for importing torch."""
+    env = {**os.environ, "PYTHONPATH": str(Path(vispruner.__file__).parents[1])}
+    code = "import sys; from vispruner.cli import build_parser; build_parser(); print([m for m in ('torch', 'transformers') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "[]"
+
+
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "vispruner.cli", "--help"], capture_output=True, text=True, check=True)
     assert "usage: vispruner" in out.stdout

@@ -105,7 +105,7 @@ def check_arguments(
     Raises the ``ValueError`` that :func:`apply` would raise for a bad argument, so that callers
     (the lmms-eval plugin) can refuse a configuration before loading any weights.
     """
-    from .adapters.sequence import check_positions
+    from .adapters.positions import check_positions
     from .adapters.vision_stage import BUDGETS, Settings
     from .methods import check_options, get_method
     from .methods._checks import check_num_tokens, check_ratio

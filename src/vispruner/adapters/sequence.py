@@ -16,20 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .positions import check_positions
+
 #: Label value that the loss ignores, the Hugging Face convention.
 IGNORE_INDEX = -100
-
-#: How kept tokens are numbered: "compacted" (renumbered as if the short sequence had been the
-#: prompt, the papers' setting) or "original" (the positions they had in the full sequence).
-POSITIONS = ("compacted", "original")
-
-
-def check_positions(positions: str) -> str:
-    """``positions`` if it is one of :data:`POSITIONS`; ``ValueError`` naming them otherwise."""
-    if positions not in POSITIONS:
-        raise ValueError(f"positions must be one of {', '.join(map(repr, POSITIONS))}; got {positions!r}")
-    return positions
-
 
 @dataclass
 class CompactedPrefix:

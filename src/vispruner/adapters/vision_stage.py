@@ -270,7 +270,7 @@ class Settings:
     options: dict[str, Any] = field(default_factory=dict)
     budget: str = "per_crop"
     keep_ratio: float | None = None
-    #: How the kept tokens are numbered: see :data:`.sequence.POSITIONS`.
+    #: How the kept tokens are numbered: see :data:`.positions.POSITIONS`.
     positions: str = "compacted"
 
     def tokens_for(self, size: int) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vispruner.adapters.sequence import POSITIONS
+from vispruner.adapters.positions import POSITIONS
 
 from .arguments import (
     add_method_options,
