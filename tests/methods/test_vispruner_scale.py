@@ -124,3 +124,19 @@ def test_tied_attention_ranks_as_the_reference(quantise, num_tokens, ratio):
         assert torch.equal(selection.keep[b], expected), f"image {b}"
         important = scores[b].argsort(descending=True)[: int(num_tokens * ratio)]
         assert torch.equal(selection.important[b].nonzero().squeeze(1), important.sort().values)
+
+
+@pytest.mark.parametrize("tile", [1, 3, 7, 1024])
+@pytest.mark.parametrize("tokens", [37, 38])
+def test_similarity_is_the_symmetric_cosine_whatever_the_mirror_tile(monkeypatch, tile, tokens):
+    """``residual_similarity`` computes half the products and mirrors the rest tile by tile; the
+    tests against ``plain_keep`` read that same matrix, so it is checked here on its own: exactly
+    symmetric, and the cosine of the residual tokens (zero vectors: 0) computed in one product."""
+    monkeypatch.setattr(vispruner_module, "MIRROR_TILE", tile)
+    generator = torch.Generator().manual_seed(tokens)
+    features = features_of("padded", tokens + 5, 9, generator).expand(2, -1, -1).clone()
+    residual = torch.stack([torch.randperm(tokens + 5, generator=generator)[:tokens] for _ in range(2)])
+    similarity = vispruner_module.residual_similarity(features, residual)
+    assert torch.equal(similarity, similarity.transpose(1, 2))
+    unit = torch.nn.functional.normalize(features.gather(1, residual[..., None].expand(-1, -1, 9)), dim=-1)
+    torch.testing.assert_close(similarity, unit @ unit.transpose(1, 2), atol=1e-6, rtol=0)
