@@ -118,7 +118,7 @@ def _batch_chunks(features: torch.Tensor, length: int) -> list[slice]:
 
 def _remove_duplicates(features: torch.Tensor, residual: torch.Tensor, budget: int) -> torch.Tensor:
     """Indices (B, budget) of the tokens of ``residual`` (B, R) that survive duplicate removal."""
-    batch, length = residual.shape
+    length = residual.shape[1]
     if length <= budget:
         return residual
     if budget == 0:

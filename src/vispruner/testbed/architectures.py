@@ -1,10 +1,12 @@
-"""What the training recipe needs to know of each testbed architecture, and nothing more.
+"""What the training code needs to know of each testbed architecture.
 
-The recipe (:mod:`vispruner.testbed.train`) is the same for both: stage 1 trains the tower with
+The stages (:mod:`vispruner.testbed.train`) are the same for both: stage 1 trains the tower with
 heads on a pooled summary and on each of the 8 x 8 cells the language model will see; stage 3
 trains the projector and the language model on frozen, cached tower features. An architecture
-says where those features come from, how the projector maps them, and which positions the
-language model gives the (possibly partial) image tokens.
+says how it is built and saved, where those features come from, how the projector maps them and
+which positions the language model gives the (possibly partial) image tokens; its ``recipe``
+holds where its training departs from ``train()``'s defaults (the Qwen decoder, for one, starts
+from the LLaVA testbed's).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from .scenes import Scene
 class Llava:
     """The LLaVA testbed: CLIP tower with [CLS], MLP projector, 1D positions."""
 
-    name = "llava"
     weights = llava.WEIGHTS
     #: Departures from train()'s default recipe: none, the defaults are this testbed's.
     recipe: dict[str, Any] = {}
@@ -73,7 +74,6 @@ class Llava:
 class Qwen:
     """The Qwen testbed: windowed tower without [CLS], 2 x 2 patch merger, M-RoPE positions."""
 
-    name = "qwen"
     weights = qwen.WEIGHTS
     #: Departures from train()'s default recipe: its tower sees 4x the patches, so stage 1 takes
     #: smaller batches; its decoder starts from the LLaVA testbed's, as LLaVA starts from a

@@ -1,4 +1,4 @@
-"""Train a testbed VLM from scratch, the way LLaVA was made, on CPU.
+"""Train a testbed VLM the way LLaVA was made, on CPU.
 
     python -m vispruner.testbed.train [--arch llava|qwen] [--out DIR] [--seed 0]
 
@@ -7,9 +7,10 @@
 the image (LLaVA: its [CLS] token, so that [CLS] attention has to find the objects, the signal
 VisPruner ranks patches by; Qwen, which has no [CLS]: the mean over the image) predict which
 (colour, shape) pairs are present and how many objects there are; heads on each of the 8 x 8
-cells the language model will see name the colour and shape it shows. Stage 2 (LLaVA's projector alignment, off by default: ``--align-steps``) trains the
-projector alone on the questions. Stage 3 trains projector and language model together on the
-questions, tower frozen, its features computed once.
+cells the language model will see name the colour and shape it shows. Stage 2 (LLaVA's
+projector alignment, off by default: ``--align-steps``) trains the projector alone on the
+questions. Stage 3 trains projector and language model together on the questions, tower frozen,
+its features computed once.
 
 A language model trained from scratch sits at the answer prior for a long time before it learns
 to look for the object a question names. Two training aids get it there within the CPU budget:
@@ -189,10 +190,9 @@ class QuestionBatcher:
         for b, (question, answer) in enumerate(zip(questions, answer_ids)):
             full = self.ids(question) + [answer, self.tokenizer.eos_token_id]
             start = full.index(self.image_id)
-            kept = [
-                i for i, token in enumerate(full)
-                if token != self.image_id or keep is None or keep[b, i - start]
-            ]
+            # One list per row: indexing the tensor once per image token cost 40x more.
+            shown = None if keep is None else keep[b].tolist()
+            kept = [i for i, token in enumerate(full) if token != self.image_id or shown is None or shown[i - start]]
             full_rows.append(full)
             rows.append([full[i] for i in kept])
             columns.append(kept)
