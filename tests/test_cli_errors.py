@@ -66,6 +66,10 @@ def picture(tmp_path):
         (["eval", "--contextual-ratio", "2"], "vispruner eval: --contextual-ratio is an option of visionzip"),
         (["eval", "--json", "/no/such/folder/eval.json"], "vispruner eval: --json: folder '/no/such/folder' does not exist"),
         (["eval", "--model", "/no/such/model"], "vispruner eval: --model '/no/such/model': cannot read its config"),
+        (
+            ["eval", "--model", "testbed-qwen", "--positions", "compacted", "--methods", "vispruner"],
+            "vispruner eval: --model 'testbed-qwen': Qwen2.5-VL keeps the 3D M-RoPE positions",
+        ),
         (["demo", "--model", "testbed-qwn"], "vispruner demo: --model 'testbed-qwn': not a bundled testbed (testbed, testbed-qwen)"),
         (["demo", "--tokens", "100"], "vispruner demo: --tokens must be a count in [1, 64]"),
         (["demo", "--tokens", "8,16"], "vispruner demo: --tokens takes one budget"),

@@ -102,8 +102,9 @@ def check_arguments(
     """The checked settings that :func:`apply` with these arguments would install on a model of
     ``family`` (None: the checks that hold for every family), without a model.
 
-    Raises the ``ValueError`` that :func:`apply` would raise for a bad argument, so that callers
-    (the lmms-eval plugin) can refuse a configuration before loading any weights.
+    Raises the ``ValueError`` that :func:`apply` would raise for a bad argument (``TypeError`` for
+    a method ``family`` cannot run), so that callers (the lmms-eval plugin) can refuse a
+    configuration before loading any weights.
     """
     from .adapters.positions import check_positions
     from .adapters.vision_stage import BUDGETS, Settings
@@ -135,6 +136,12 @@ def check_arguments(
     if positions is None:
         positions = "original" if chosen.stage == "llm" or original_only else "compacted"
     positions = check_positions(positions)
+    if chosen.stage == "llm" and positions != "original":
+        raise ValueError(
+            f"positions={positions!r} is not supported by {chosen.name}: the tokens it keeps keep their "
+            "original positions (the layers before the cut cached them there); use positions='original' "
+            "or leave it unset"
+        )
     if original_only and positions != "original":
         raise ValueError(
             f"{family.name} keeps the 3D M-RoPE positions of the unpruned prompt; positions must be 'original' "

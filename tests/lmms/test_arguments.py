@@ -50,6 +50,7 @@ def test_apply_options_and_loading_settings_pass_through():
         ({"method": "random", "layer": 2}, "layer: unknown for method=random; allowed: .*seed"),
         ({"budget": "per_video"}, "budget must be one of"),
         ({"positions": "shifted"}, "positions must be"),
+        ({"method": "fastv", "positions": "compacted"}, "positions='compacted' is not supported by fastv"),
         ({"dtype": "float64"}, "dtype must be one of auto, float32"),
         ({"attn_implementation": "fast"}, "attn_implementation must be one of eager, sdpa"),
         ({"device_map": ""}, "device_map must be a device string"),
@@ -81,6 +82,14 @@ def test_family_rules_are_checked_from_the_config_too(tmp_path):
     with pytest.raises(ValueError, match="model_args Qwen2.5-VL keeps the 3D M-RoPE positions .* must be 'original'"):
         check_checkpoint(args)
     assert check_checkpoint(parse_model_args({"pretrained": str(tmp_path), "num_tokens": 8})) == "qwen2_5_vl"
+
+
+def test_a_method_the_family_cannot_run_is_refused_from_the_config(tmp_path):
+    from tests.tiny_models import tiny_gemma3
+
+    tiny_gemma3().config.save_pretrained(tmp_path)  # config only: nothing to load
+    with pytest.raises(ValueError, match="model_args fastv does not support Gemma 3: its language model has sliding-window"):
+        check_checkpoint(parse_model_args({"pretrained": str(tmp_path), "method": "fastv"}))
 
 
 def test_every_family_apply_supports_loads_through_the_auto_class():

@@ -34,6 +34,15 @@ SUPPORTED = (
 )
 
 
+def family_of_type(model_type: str) -> "Family":
+    """The family of checkpoints whose ``config.model_type`` is ``model_type``, known before any
+    weights load; ``TypeError`` listing the supported families otherwise."""
+    module = FAMILIES.get(model_type)
+    if module is None:
+        raise TypeError(f"vispruner supports {SUPPORTED}; got a {model_type!r} model")
+    return import_module(module).FAMILY
+
+
 def family_for(model: object) -> "Family":
     """The family of ``model``; ``TypeError`` listing the supported families otherwise."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)

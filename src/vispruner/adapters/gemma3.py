@@ -81,4 +81,5 @@ FAMILY = Family(
     vision=GemmaVision,
     modalities=(IMAGE,),
     streams=("token_type_ids",),
+    language_stage="its language model has sliding-window attention layers, which the LLM-stage cut does not handle",
 )

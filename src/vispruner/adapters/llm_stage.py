@@ -76,12 +76,6 @@ class LanguageStagePruner:
         self.layers = self.language_model.layers
         options = dict(settings.options)
         self.layer = check_layer(options.pop("layer", DEFAULT_LAYER), len(self.layers))
-        if settings.positions != "original":
-            raise ValueError(
-                f"positions={settings.positions!r} is not supported by fastv: the tokens it keeps keep their "
-                "original positions (the layers before the cut cached them there); use positions='original' "
-                "or leave it unset"
-            )
         self.settings = replace(settings, options=options)
         _check_language_model(self.language_model, self.layer)
         self.vision = family.vision(model)

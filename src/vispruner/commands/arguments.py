@@ -138,9 +138,14 @@ def check_plot(path: str | None) -> None:
         raise UsageError("--plot needs matplotlib: pip install 'vispruner[plot]'") from None
 
 
-def visual_tokens_of(model: str) -> int:
-    """Visual tokens per image of ``model`` (a bundled testbed, a path or a hub id), from its config only."""
+def check_model(model: str, per_method: dict[str, dict[str, Any]]) -> int:
+    """Visual tokens per image of ``model`` (a bundled testbed, a path or a hub id), from its
+    config only, once its family is known to take each method of ``per_method`` with its options
+    (what :func:`vispruner.apply` would refuse after the weights load is refused here)."""
     from transformers import AutoConfig
+
+    from vispruner.adapters import family_of_type
+    from vispruner.api import check_arguments
 
     from vispruner.eval.budgets import visual_tokens
     from vispruner.testbed.model import TESTBEDS, testbed_weights
@@ -159,10 +164,20 @@ def visual_tokens_of(model: str) -> int:
         )
     try:
         if model in TESTBEDS:
-            return visual_tokens(AutoConfig.from_pretrained(testbed_weights(model)), image_size=IMAGE_SIZE)
-        return visual_tokens(AutoConfig.from_pretrained(model))
+            config = AutoConfig.from_pretrained(testbed_weights(model))
+            total = visual_tokens(config, image_size=IMAGE_SIZE)
+        else:
+            config = AutoConfig.from_pretrained(model)
+            total = visual_tokens(config)
     except (OSError, ValueError, AttributeError) as error:
         raise UsageError(f"--model {model!r}: cannot read its config ({str(error).splitlines()[0]})") from None
+    try:
+        family = family_of_type(config.model_type)
+        for method, options in per_method.items():
+            check_arguments(method=method, family=family, **options)
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"--model {model!r}: {error}") from None
+    return total
 
 
 def budgets(text: str, total: int) -> list[Any]:

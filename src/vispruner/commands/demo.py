@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from .arguments import UsageError, add_method_options, budgets, check_output, method_name, method_options, visual_tokens_of
+from .arguments import UsageError, add_method_options, budgets, check_model, check_output, method_name, method_options
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     image = None if args.image is None else _open_image(args.image)
     options = method_options(args, [args.method]).per_method[args.method]
     _check_picture_path(args.out)
-    total = visual_tokens_of(args.model)
+    total = check_model(args.model, {args.method: options})
     chosen = budgets(args.tokens, total)
     if len(chosen) != 1:
         raise UsageError(f"--tokens takes one budget; got {args.tokens!r}")

@@ -10,12 +10,12 @@ from vispruner.adapters.positions import POSITIONS
 from .arguments import (
     add_method_options,
     budgets,
+    check_model,
     check_output,
     check_plot,
     integer_at_least,
     method_names,
     method_options,
-    visual_tokens_of,
 )
 
 
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         options.notes.extend(_send_positions(args.positions, args.methods, options.per_method))
     check_output(args.json, "--json")
     check_plot(args.plot)
-    total = visual_tokens_of(args.model)
+    total = check_model(args.model, options.per_method)
     chosen = budgets(args.tokens, total)
 
     from vispruner.eval.runner import evaluate, plot

@@ -61,7 +61,7 @@ def check_pruning(method: str, pruning: dict[str, Any], family: Any = None) -> N
 
     try:
         check_arguments(method=method, family=family, **pruning)
-    except ValueError as error:
+    except (ValueError, TypeError) as error:  # TypeError: a method the family cannot run
         raise ValueError(f"model_args {error}") from None
 
 

@@ -20,18 +20,16 @@ def checkpoint(pretrained: str) -> tuple[str, bool]:
 def check_checkpoint(args: ModelArgs) -> str:
     """The checkpoint's ``model_type``, read from its config alone, if :func:`vispruner.apply`
     supports it and takes ``args``' pruning for it; ``ValueError`` otherwise."""
-    from importlib import import_module
-
     from transformers import AutoConfig
 
-    from vispruner.adapters import FAMILIES, SUPPORTED
+    from vispruner.adapters import FAMILIES, SUPPORTED, family_of_type
 
     path, local = checkpoint(args.pretrained)
     model_type = AutoConfig.from_pretrained(path, local_files_only=local).model_type
     if model_type not in FAMILIES:
         raise ValueError(f"model_args pretrained: {args.pretrained!r} is a {model_type!r} model; vispruner supports {SUPPORTED}")
     if args.method != UNPRUNED:
-        check_pruning(args.method, args.pruning, import_module(FAMILIES[model_type]).FAMILY)
+        check_pruning(args.method, args.pruning, family_of_type(model_type))
     return model_type
 
 
