@@ -37,12 +37,11 @@ from transformers import LogitsProcessorList, PreTrainedModel
 
 from ..methods import check_options, get_method
 from .flops import flop_counter, llm_prefill_flops, split_counts
+from ..eval.budgets import visual_tokens
 from .inputs import (
-    QWEN_SIDE_TOKENS,
     default_image_size,
     image_inputs,
     is_next,
-    is_qwen,
     placeholders_per_image,
     prompt_inputs,
 )
@@ -254,7 +253,7 @@ def run_bench(
     settings.check()
     methods = settings.methods if settings.methods is not None else tuple(vispruner.available_methods())
     model.eval()
-    patches = _patches_per_crop(model)
+    patches = visual_tokens(model, image_size=default_image_size(model)[0])
     budgets = sorted({t for t in settings.tokens if t < patches}, reverse=True)
     runs = 1 + len(methods) * len(budgets)
     with torch.inference_mode(), tqdm(total=runs * (settings.repeats + 2), desc="bench", unit="pass",
@@ -301,19 +300,6 @@ def run_bench(
         "skipped": skipped,
     }
     return BenchResult(meta, rows)
-
-
-def _patches_per_crop(model: PreTrainedModel) -> int:
-    """Visual tokens of one crop as the language model receives them (the budget's unit)."""
-    config = model.config
-    if is_qwen(model):
-        return QWEN_SIDE_TOKENS**2
-    if hasattr(config, "mm_tokens_per_image"):  # Gemma 3: the patches pooled to this many tokens
-        return config.mm_tokens_per_image
-    vision = config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
-    # "full" keeps CLIP's [CLS] as a token; SigLIP has none.
-    return patches + (config.vision_feature_select_strategy == "full" and vision.model_type == "clip_vision_model")
 
 
 def _finish_row(row: dict[str, Any], full: dict[str, Any], settings: BenchSettings) -> None:

@@ -55,9 +55,9 @@ def parse_budgets(spec: str, total: int) -> list[Budget]:
 
 
 def visual_tokens(model: Any, image_size: int | None = None) -> int:
-    """Visual tokens per image that the language model of a LLaVA-style or Qwen-VL model
-    receives unpruned. A Qwen-VL model sees one token per 2 x 2 patches of the image it is
-    given, so it needs ``image_size`` (px, of a square image that its processor leaves as it is).
+    """Visual tokens per image (per crop, for anyres models) that the language model receives
+    unpruned: the budget's unit. A Qwen-VL model sees one token per 2 x 2 patches of the image it
+    is given, so it needs ``image_size`` (px, of a square image that its processor leaves as it is).
 
     ``model`` is the model or its config (so that a command can check budgets before loading it).
     """
@@ -67,6 +67,9 @@ def visual_tokens(model: Any, image_size: int | None = None) -> int:
         if image_size is None:
             raise ValueError(f"image_size must be given for {config.model_type}: its visual tokens follow the image size")
         return (image_size // (vision.patch_size * vision.spatial_merge_size)) ** 2
+    if hasattr(config, "mm_tokens_per_image"):  # Gemma 3: the patches pooled to this many tokens
+        return config.mm_tokens_per_image
     patches = (vision.image_size // vision.patch_size) ** 2
+    # "full" keeps CLIP's [CLS] as a token; SigLIP has none.
     full = getattr(config, "vision_feature_select_strategy", "default") == "full"
-    return patches + int(full)
+    return patches + int(full and vision.model_type == "clip_vision_model")
