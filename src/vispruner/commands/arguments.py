@@ -157,10 +157,9 @@ def check_model(model: str, per_method: dict[str, dict[str, Any]]) -> int:
             f"--model {model!r}: not a bundled testbed ({', '.join(TESTBEDS)}), a local folder or a hub id (owner/name)"
         )
     if model in TESTBEDS and not (testbed_weights(model) / "config.json").is_file():
-        arch = "qwen" if model == "testbed-qwen" else "llava"
         raise UsageError(
             f"--model {model!r}: its weights are not installed; train them with "
-            f"`python -m vispruner.testbed.train --arch {arch}`"
+            f"`python -m vispruner.testbed.train --arch {TESTBEDS[model]}`"
         )
     try:
         if model in TESTBEDS:

@@ -125,8 +125,9 @@ def build_model(processor: LlavaProcessor, seed: int = 0) -> LlavaForConditional
     return model.eval()
 
 
-#: Names of the bundled testbeds, as ``--model`` takes them.
-TESTBEDS = ("testbed", "testbed-qwen")
+#: Names of the bundled testbeds, as ``--model`` takes them, and their architectures
+#: (:data:`vispruner.testbed.architectures.ARCHITECTURES`, ``train.py --arch``).
+TESTBEDS = {"testbed": "llava", "testbed-qwen": "qwen"}
 
 
 def testbed_weights(name: str) -> Path:
@@ -135,7 +136,7 @@ def testbed_weights(name: str) -> Path:
 
     if name not in TESTBEDS:
         raise ValueError(f"name must be one of {', '.join(TESTBEDS)}; got {name!r}")
-    return qwen.WEIGHTS if name == "testbed-qwen" else WEIGHTS
+    return qwen.WEIGHTS if TESTBEDS[name] == "qwen" else WEIGHTS
 
 
 def load_model(name: str = "testbed") -> tuple[Any, Any]:
