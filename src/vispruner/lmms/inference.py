@@ -109,7 +109,7 @@ def encode(model: Any, processor: Any, texts: list[str], visuals: Sequence[Visua
         extra["images"] = images
     if videos:
         extra["videos"] = videos
-    processor.tokenizer.padding_side = "left"
+    processor.tokenizer.padding_side = "left"  # batched generation continues every row at the same column
     inputs = processor(text=texts, padding=True, return_tensors="pt", **extra)
     return inputs.to(model.device, dtype=model.dtype)  # BatchFeature casts floating tensors only
 

@@ -53,7 +53,6 @@ def load(args: ModelArgs, device: Any) -> tuple[Any, Any]:
         processor = AutoProcessor.from_pretrained(path, local_files_only=local)
     if not getattr(processor, "chat_template", None):
         raise ValueError(f"model_args pretrained: {args.pretrained!r} has no chat template; the plugin prompts through it")
-    processor.tokenizer.padding_side = "left"  # batched generation continues every row at the same column
     if args.method != UNPRUNED:
         vispruner.apply(model, method=args.method, **args.pruning)
     return model.eval(), processor
