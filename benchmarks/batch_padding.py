@@ -103,7 +103,7 @@ def main() -> None:
         return run
 
     torch.testing.assert_close(lm_prefill(old)(), lm_prefill(new)(), rtol=1e-3, atol=1e-3)
-    before, now = interleaved_medians(lm_prefill(old), lm_prefill(new), args.repeats)
+    before, now = interleaved_medians([lm_prefill(old), lm_prefill(new)], args.repeats)
 
     print(
         f"{args.preset}, {args.layers} of {full_depth} LM layers, float32, {torch.get_num_threads()} threads; "

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import vispruner
+from vispruner.bench.timing import interleaved_medians
 from vispruner.methods.vispruner import residual_similarity
 
 Select = Callable[[torch.Tensor, torch.Tensor, int, float], torch.Tensor]
@@ -67,19 +67,6 @@ def plain_loop(
             listed = torch.cat([side_a[survivors], side_b])
         masks[b, residual[listed]] = True
     return masks
-
-
-def interleaved_medians(functions: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Median seconds of each function, run in turn so that machine noise hits all alike."""
-    for fn in functions:
-        fn()
-    times: list[list[float]] = [[] for _ in functions]
-    for _ in range(repeats):
-        for fn, bucket in zip(functions, times):
-            start = time.perf_counter()
-            fn()
-            bucket.append(time.perf_counter() - start)
-    return [statistics.median(bucket) for bucket in times]
 
 
 def one_thread(fn: Callable[[], object]) -> Callable[[], object]:

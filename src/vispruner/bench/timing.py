@@ -10,7 +10,7 @@ import functools
 import statistics
 import time
 from contextlib import ExitStack, contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from transformers import LogitsProcessor
@@ -27,17 +27,18 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def interleaved_medians(first: Callable[[], Any], second: Callable[[], Any], repeats: int) -> tuple[float, float]:
-    """Median seconds of each function (CPU clock), after one warm-up call each, run alternately so
-    that machine noise hits both alike; for benchmark scripts that compare two ways side by side."""
-    first(), second()
-    times: tuple[list[float], list[float]] = ([], [])
+def interleaved_medians(functions: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
+    """Median seconds of each function (wall clock), after one warm-up call each, run in turn so
+    that machine noise hits all alike; for benchmark scripts that compare ways side by side."""
+    for fn in functions:
+        fn()
+    times: list[list[float]] = [[] for _ in functions]
     for _ in range(repeats):
-        for fn, bucket in zip((first, second), times):
+        for fn, bucket in zip(functions, times):
             start = time.perf_counter()
             fn()
             bucket.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return [statistics.median(bucket) for bucket in times]
 
 
 class DecodeClock(LogitsProcessor):
