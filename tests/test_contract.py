@@ -27,9 +27,10 @@ from .adapters.cases import BUILDERS, FAMILIES, SIZES, TEXTS
 from .adapters.reference import _crops, _layout
 from .tiny_models import tiny_inputs, tiny_onevision
 from .tiny_qwen import BUILDERS as QWEN_BUILDERS
-from .tiny_qwen import FRAMES_SEPARATED, tiny_qwen_inputs
 from .tiny_qwen import IMAGE_ID as QWEN_IMAGE_ID
+from .tiny_qwen import MIXED_PROMPTS as QWEN_PROMPTS
 from .tiny_qwen import VIDEO_ID as QWEN_VIDEO_ID
+from .tiny_qwen import family_inputs as qwen_inputs
 
 NUM_TOKENS = 5
 STEPS = 3
@@ -137,10 +138,6 @@ def test_method_through_apply(family, method):
     assert all(e < f for e, f in zip(expected, full))
 
 
-#: Two left-padded rows: a video of 3 temporal groups; an image and a video of 2 groups.
-QWEN_PROMPTS = [["w1", ("video", 3, 4, 4), "w2"], ["w3", ("image", 6, 4), "w4", ("video", 2, 4, 6), "w5", "w6", "w7"]]
-
-
 def qwen_kept(prompt: list, num_tokens: int) -> int:
     """Merged tokens kept of one prompt's images and videos, worked out from the budget rules."""
     kept = 0
@@ -156,7 +153,7 @@ def qwen_kept(prompt: list, num_tokens: int) -> int:
 @pytest.mark.parametrize("method", available_methods())
 def test_method_through_apply_on_qwen(family, method):
     model = QWEN_BUILDERS[family](text_layers=TEXT_LAYERS)
-    inputs = tiny_qwen_inputs(QWEN_PROMPTS, frames_separated=family in FRAMES_SEPARATED)
+    inputs = qwen_inputs(family, QWEN_PROMPTS)
     stage = get_method(method).stage
     if stage == "llm" and family == "qwen3_5":
         with pytest.raises(TypeError, match="softmax attention in every decoder layer"):

@@ -173,3 +173,12 @@ def tiny_qwen_inputs(prompts: list[list], seed: int = 0, frames_separated: bool 
             features[pixels] = torch.randn(int(grid.prod(-1).sum()), width, generator=generator)
             features[grid_name] = grid
     return BatchFeature(features)
+
+
+#: Two left-padded rows: a video of 3 temporal groups; an image and a video of 2 groups.
+MIXED_PROMPTS = [["w1", ("video", 3, 4, 4), "w2"], ["w3", ("image", 6, 4), "w4", ("video", 2, 4, 6), "w5", "w6", "w7"]]
+
+
+def family_inputs(family: str, prompts: list[list]) -> BatchFeature:
+    """:func:`tiny_qwen_inputs` laid out as ``family`` (one of :data:`BUILDERS`) lays out videos."""
+    return tiny_qwen_inputs(prompts, frames_separated=family in FRAMES_SEPARATED)

@@ -13,7 +13,7 @@ import vispruner
 from vispruner.adapters.qwen_vision import IMAGE, QwenVision
 from vispruner.methods import available_methods, get_method
 
-from ..tiny_qwen import BUILDERS, FRAMES_SEPARATED, IMAGE_ID, tiny_qwen_inputs
+from ..tiny_qwen import BUILDERS, IMAGE_ID, MIXED_PROMPTS, family_inputs
 from .reference_qwen import (
     continuation_logits,
     fastv_greedy,
@@ -30,13 +30,12 @@ CORE = ("qwen2_5_vl", "qwen3_vl")
 NUM_TOKENS = 3
 STEPS = 4
 IMAGES = [["w1", "w2", ("image", 4, 6), "w3"], [("image", 8, 8), "w4", ("image", 4, 4), "w5", "w6"]]
-MIXED = [["w1", ("video", 3, 4, 4), "w2"], ["w3", ("image", 6, 4), "w4", ("video", 2, 4, 6), "w5", "w6", "w7"]]
 VISION_METHODS = [name for name in available_methods() if get_method(name).stage == "vision"]
 
 
 def prepared(family, prompts=IMAGES, method="vispruner", attn_implementation="sdpa", per_video=False, **options):
     model = BUILDERS[family](attn_implementation=attn_implementation)
-    inputs = inputs_for(family, prompts)
+    inputs = family_inputs(family, prompts)
     images = videos = []
     if "pixel_values" in inputs:
         images = reference_items(model, inputs["pixel_values"], inputs["image_grid_thw"], NUM_TOKENS, method, **options)
@@ -50,10 +49,6 @@ def prepared(family, prompts=IMAGES, method="vispruner", attn_implementation="sd
     return model, inputs, images + videos, rows
 
 
-def inputs_for(family, prompts):
-    return tiny_qwen_inputs(prompts, frames_separated=family in FRAMES_SEPARATED)
-
-
 def prompt_length(inputs):
     return inputs["input_ids"].shape[1]
 
@@ -61,7 +56,7 @@ def prompt_length(inputs):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_signal_equals_an_eager_recompute(family):
     model = BUILDERS[family]()
-    inputs = inputs_for(family, IMAGES)
+    inputs = family_inputs(family, IMAGES)
     expected, features, keys, _, _ = tower_signals(model, inputs["pixel_values"], inputs["image_grid_thw"])
     arguments = {"image_grid_thw": inputs["image_grid_thw"]}
     with QwenVision(model).tap(IMAGE, arguments, frozenset({"attention", "keys"})) as tap:
@@ -78,7 +73,7 @@ def test_signal_equals_an_eager_recompute(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keeping_every_token_is_bit_for_bit_the_stock_model(family):
     model = BUILDERS[family]()
-    inputs = inputs_for(family, MIXED)
+    inputs = family_inputs(family, MIXED_PROMPTS)
     with torch.no_grad():
         stock_logits = model(**inputs).logits
     stock = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
@@ -132,7 +127,7 @@ def test_greedy_tokens_match_reference(family, attn_implementation, options):
 
 @pytest.mark.parametrize(("family", "per_video"), [(f, False) for f in FAMILIES] + [(f, True) for f in CORE])
 def test_video_and_images_mixed(family, per_video):
-    model, inputs, items, rows = prepared(family, MIXED, per_video=per_video)
+    model, inputs, items, rows = prepared(family, MIXED_PROMPTS, per_video=per_video)
     out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
     assert out[:, prompt_length(inputs) :].tolist() == [greedy(model, row, STEPS) for row in rows]
     selections = vispruner.last_selection(model)
@@ -186,7 +181,7 @@ def test_forward_with_labels_and_a_hand_written_decode_loop(family):
 
 def test_keep_ratio_share_of_each_image():
     model = BUILDERS["qwen2_5_vl"]()
-    inputs = tiny_qwen_inputs(IMAGES)
+    inputs = family_inputs("qwen2_5_vl", IMAGES)
     vispruner.apply(model, keep_ratio=0.3)
     model.generate(**inputs, max_new_tokens=1, do_sample=False)
     # 0.3 x (6, 16, 4) tokens = 1.8, 4.8, 1.2 -> 2, 5, 1 (half up, at least 1).
@@ -196,7 +191,7 @@ def test_keep_ratio_share_of_each_image():
 def test_fastv_cut_before_a_deepstack_layer_adds_features_to_kept_tokens_only():
     # Deepstack features are added after decoder layers 0 and 1; the cut is before layer 1.
     model = BUILDERS["qwen3_vl"](text_layers=3)
-    inputs = inputs_for("qwen3_vl", MIXED)
+    inputs = family_inputs("qwen3_vl", MIXED_PROMPTS)
     added = []
     stock = model.model.language_model._deepstack_process
 
@@ -218,7 +213,7 @@ def test_fastv_cut_before_a_deepstack_layer_adds_features_to_kept_tokens_only():
 @pytest.mark.parametrize("family", CORE)
 def test_fastv_greedy_tokens_match_a_hand_run_of_the_layers(family):
     model = BUILDERS[family](text_layers=4)
-    inputs = inputs_for(family, IMAGES)
+    inputs = family_inputs(family, IMAGES)
     everything = reference_items(model, inputs["pixel_values"], inputs["image_grid_thw"], 10**6, "random")
     rows = reference_rows(model, inputs, everything, [])
     vispruner.apply(model, NUM_TOKENS, method="fastv", layer=2)
