@@ -65,12 +65,19 @@ def apply(
     see ``num_tokens`` per crop or image (plus LLaVA-NeXT's newline tokens), and so does the
     KV cache they fill; its ``forward`` returns logits for the kept tokens only.
 
+    Tested on the transformers releases of :data:`vispruner.adapters.hf_seam.TESTED_RANGE`; on
+    another release it warns once (``RuntimeWarning``), and an argument of ``generate``/``forward``
+    that concerns the cache, masks or positions and that it does not know raises
+    ``NotImplementedError`` rather than answering wrong.
+
     Applying again replaces the earlier patch; :func:`remove` undoes it. Raises ``TypeError`` for
     an unsupported model and ``ValueError`` for a bad argument.
     """
     from .adapters import family_for
+    from .adapters.hf_seam import warn_if_untested
     from .adapters.vision_stage import VisionStagePruner
 
+    warn_if_untested()
     family = family_for(model)
     settings = check_arguments(
         num_tokens, important_ratio, method, budget=budget, keep_ratio=keep_ratio, positions=positions, family=family, **options

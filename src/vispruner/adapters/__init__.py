@@ -40,7 +40,7 @@ def family_of_type(model_type: str) -> "Family":
     module = FAMILIES.get(model_type)
     if module is None:
         raise TypeError(f"vispruner supports {SUPPORTED}; got a {model_type!r} model")
-    return import_module(module).FAMILY
+    return _load(module)
 
 
 def family_for(model: object) -> "Family":
@@ -48,7 +48,21 @@ def family_for(model: object) -> "Family":
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     module = FAMILIES.get(model_type)
     if module is not None:
-        family = import_module(module).FAMILY
+        family = _load(module)
         if isinstance(model, family.model_class):
             return family
     raise TypeError(f"vispruner supports {SUPPORTED}; got {type(model).__name__}")
+
+
+def _load(module: str) -> "Family":
+    """A family module's FAMILY; a transformers release without the family's classes raises
+    ``TypeError`` naming the releases vispruner was tested on (every family ships in all of them)."""
+    try:
+        return import_module(module).FAMILY
+    except ImportError as error:
+        from .hf_seam import TESTED_RANGE, installed_version
+
+        raise TypeError(
+            f"{module.rsplit('.', 1)[-1]} needs {TESTED_RANGE}; transformers {installed_version()} is installed "
+            f"and lacks what it needs ({error})"
+        ) from error

@@ -33,6 +33,7 @@ from ..methods.fastv import DEFAULT_LAYER, LanguageSignals, check_layer
 from .attention_row import ProjectionCapture, head_averaged_row
 from .patching import InstancePatch, Outermost, bind_arguments
 from .sequence import CompactedPrefix, CompactedSequence, compact
+from . import hf_seam
 from .budget import shared_tokens
 from .vision_stage import PRUNER, Family, ImageSelection, Item, Modality, Settings
 
@@ -129,13 +130,13 @@ class LanguageStagePruner:
 
     def _forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         arguments = bind_arguments(original, args, kwargs)
-        cache = arguments.get("past_key_values")
+        cache = hf_seam.cache_in(arguments, f"{type(self.model).__name__}.forward", self.family.arguments)
         encoded = arguments.get("mm_encoder_outputs") or {}
         images = any(
             arguments.get(modality.pixels) is not None or encoded.get(modality.name) is not None
             for modality in self.family.modalities
         )
-        if cache is None or cache.get_seq_length() == 0:
+        if hf_seam.cached_length(cache) == 0:
             self.last_tokens = None
             if images:
                 if arguments.get("input_ids") is None:
@@ -246,9 +247,9 @@ class LanguageStagePruner:
 
     def _language_forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         arguments = bind_arguments(original, args, kwargs)
-        cache = arguments.get("past_key_values")
+        cache = hf_seam.cache_in(arguments, f"{type(self.language_model).__name__}.forward", self.family.arguments)
         mask = arguments.get("attention_mask")
-        prefill = cache is None or cache.get_seq_length() == 0
+        prefill = hf_seam.cached_length(cache) == 0
         if prefill and hasattr(cache, PREFIX):
             delattr(cache, PREFIX)  # a reset cache, reused by a new generate() call
         step = _Step(attention_mask=mask)
@@ -257,7 +258,7 @@ class LanguageStagePruner:
             if grouped is not None:
                 step.groups, self._placed_now = grouped
         if step.groups is not None or hasattr(cache, PREFIX):
-            if getattr(cache, "is_compileable", False):
+            if hf_seam.is_static(cache):
                 raise NotImplementedError("fastv needs a dynamic KV cache (the default); static caches are not supported")
             if mask is not None and mask.ndim != 2:
                 raise NotImplementedError(f"fastv needs the 2D (batch, length) padding mask; got shape {tuple(mask.shape)}")
@@ -268,8 +269,9 @@ class LanguageStagePruner:
                 output = original(**arguments)
         finally:
             self._step = None
-        if step.prefix is not None and output.past_key_values is not None:
-            setattr(output.past_key_values, PREFIX, step.prefix)
+        cache = hf_seam.cache_of(output)
+        if step.prefix is not None and cache is not None:
+            setattr(cache, PREFIX, step.prefix)
         return output
 
     def _cut(self, layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
@@ -279,7 +281,7 @@ class LanguageStagePruner:
             return None
         hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
         args = args[1:] if args else args
-        cache = kwargs.get("past_key_values")
+        cache = hf_seam.cache_in(kwargs, f"decoder layer {self.layer}")
         if step.groups is not None:
             if step.scores is None:
                 raise RuntimeError(f"the attention of decoder layer {self.layer - 1} did not run before layer {self.layer}")
@@ -288,10 +290,10 @@ class LanguageStagePruner:
             if bool(keep.all()):
                 step.groups = None
                 return None
-            hidden = self._compact_prefill(step, keep.to(hidden.device), hidden, kwargs)
+            hidden = self._compact_prefill(step, keep.to(hidden.device), hidden, kwargs, cache)
         elif hasattr(cache, PREFIX):
             prefix: CompactedPrefix = getattr(cache, PREFIX)
-            mask = prefix.mask(step.attention_mask, cache.get_seq_length(self.layer), hidden.shape[1])
+            mask = prefix.mask(step.attention_mask, hf_seam.cached_length(cache, self.layer), hidden.shape[1])
             step.replacements = {"attention_mask": self._mask(hidden, mask, cache)}
         else:
             return None
@@ -305,7 +307,7 @@ class LanguageStagePruner:
         return args, {**kwargs, **step.replacements}
 
     def _compact_prefill(
-        self, step: _Step, keep: torch.Tensor, hidden: torch.Tensor, kwargs: dict[str, Any]
+        self, step: _Step, keep: torch.Tensor, hidden: torch.Tensor, kwargs: dict[str, Any], cache: Any
     ) -> torch.Tensor:
         batch, length = keep.shape
         short = compact(keep, inputs_embeds=hidden, attention_mask=step.attention_mask)
@@ -317,7 +319,7 @@ class LanguageStagePruner:
 
         cos, sin = kwargs["position_embeddings"]
         step.replacements = {
-            "attention_mask": self._mask(short.inputs_embeds, short.attention_mask, kwargs.get("past_key_values")),
+            "attention_mask": self._mask(short.inputs_embeds, short.attention_mask, cache),
             "position_embeddings": (along(cos), along(sin)),
             # The rotary embeddings carry the kept tokens' original, gapped positions. Layers read
             # position_ids only to detect packed sequences (FlashAttention, one unpadded row),
@@ -341,17 +343,7 @@ class LanguageStagePruner:
         return original(hidden_states, visual_pos_masks, visual_embeds)
 
     def _mask(self, hidden: torch.Tensor, mask: torch.Tensor | None, cache: Any) -> Any:
-        from transformers.masking_utils import create_causal_mask
-
-        # No position_ids: kept tokens have gapped positions, which must not read as packed sequences.
-        return create_causal_mask(
-            config=self.language_model.config,
-            inputs_embeds=hidden,
-            attention_mask=mask,
-            past_key_values=cache,
-            position_ids=None,
-            layer_idx=self.layer,
-        )
+        return hf_seam.causal_mask(self.language_model.config, hidden, mask, cache, self.layer)
 
     def _record(self, keep: torch.Tensor) -> None:
         """Note what the layers from K on see: :attr:`last_tokens`, and :attr:`last` per item."""

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import hf_seam
 from .attention_received import mean_attention_received
 from .sequence import CompactedPrefix
 from .vision_stage import Item, Modality
@@ -194,8 +195,9 @@ class RopePositions:
             )
         inner = model.model
         accepted = inspect.signature(inner.compute_3d_position_ids).parameters
-        call = {name: arguments.get(name) for name in accepted if name != "past_key_values"}
-        positions = inner.compute_3d_position_ids(**call, past_key_values=None)  # also sets rope_deltas
+        call = {name: arguments.get(name) for name in accepted if name not in hf_seam.CACHE_NAMES}
+        # No cache: the positions of the whole unpruned prompt (also sets rope_deltas).
+        positions = hf_seam.call_with_cache(inner.compute_3d_position_ids, None, **call)
         if positions is None:
             raise ValueError(
                 "pruning a Qwen-VL prompt needs mm_token_type_ids (as the processor returns them) to compute "

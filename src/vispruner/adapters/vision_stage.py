@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..methods.base import Method, VisionSignals
+from . import hf_seam
 from .budget import ratio_tokens, shared_tokens
 from .patching import InstancePatch, Outermost, bind_arguments
 from .sequence import CompactedPrefix, compact
@@ -221,6 +222,13 @@ class Family:
     original_positions_only: bool = False
     language_stage: str | None = None
 
+    @property
+    def arguments(self) -> frozenset[str]:
+        """The family's own ``forward`` arguments (pixels, grids, streams), which the generation
+        protocol's drift check (:func:`.hf_seam.check_known`) accepts besides the common ones."""
+        names = {name for modality in self.modalities for name in (modality.pixels, *modality.arguments)}
+        return frozenset(names.union(self.streams))
+
 
 @dataclass
 class ImageSelection:
@@ -295,13 +303,11 @@ class VisionStagePruner:
         self._outermost = Outermost()
 
     def install(self) -> None:
-        from transformers.generation.utils import create_masks_for_generate
-
         for modality in self.family.modalities:
             self._patch.wrap(self.model.model, modality.encoder, self._encoder(modality))
         self._patch.wrap(self.model, "forward", self._forward)
         self._patch.wrap(self.model, "generate", self._generate)
-        stock = getattr(self.model, "create_masks_for_generate", create_masks_for_generate)
+        stock = hf_seam.masks_for_generate(self.model)
         self._patch.wrap(self.model, "create_masks_for_generate", self._masks_for_generate, original=stock)
         setattr(self.model, PRUNER, self)
 
@@ -429,6 +435,7 @@ class VisionStagePruner:
 
     def _generate(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         arguments = bind_arguments(original, args, kwargs)
+        hf_seam.check_generate(original, arguments, self.family.arguments)
         visual = arguments.get("mm_encoder_outputs") is not None or any(
             arguments.get(modality.pixels) is not None for modality in self.family.modalities
         )
@@ -446,8 +453,8 @@ class VisionStagePruner:
 
     def _forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         arguments = bind_arguments(original, args, kwargs)
-        cache = arguments.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None else 0
+        cache = hf_seam.cache_in(arguments, f"{type(self.model).__name__}.forward", self.family.arguments)
+        past = hf_seam.cached_length(cache)
         if past == 0 and hasattr(cache, PREFIX):
             delattr(cache, PREFIX)  # a reset cache: static caches are reused across generate() calls
         encoded = dict(arguments.get("mm_encoder_outputs") or {})
@@ -565,7 +572,7 @@ class VisionStagePruner:
             **short.others,
         )
         output = original(**arguments)
-        cache = _cache_of(output)
+        cache = hf_seam.cache_of(output)
         if cache is not None:
             setattr(cache, PREFIX, short.prefix)
         self.last_tokens = short.keep
@@ -588,7 +595,8 @@ class VisionStagePruner:
 
     def _masks_for_generate(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         arguments = bind_arguments(original, args, kwargs)
-        if arguments.get("is_first_iteration") or hasattr(arguments.get("past_key_values"), PREFIX):
+        cache = hf_seam.cache_in(arguments, "create_masks_for_generate", self.family.arguments)
+        if arguments.get("is_first_iteration") or hasattr(cache, PREFIX):
             return arguments.get("attention_mask")
         return original(*args, **kwargs)
 
@@ -597,10 +605,3 @@ def _by_piece(flags: torch.Tensor, item: Item) -> torch.Tensor:
     """An item's (T,) flags as (pieces, N) when its pieces are alike, else as one (1, T) row."""
     return flags.view(item.pieces, -1) if item.uniform else flags.unsqueeze(0)
 
-
-def _cache_of(output: Any) -> Any:
-    from transformers.cache_utils import Cache
-
-    if hasattr(output, "past_key_values"):
-        return output.past_key_values
-    return next((item for item in output if isinstance(item, Cache)), None)

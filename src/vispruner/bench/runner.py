@@ -35,6 +35,7 @@ from typing import Any, Callable
 import torch
 from transformers import LogitsProcessorList, PreTrainedModel
 
+from ..adapters.hf_seam import cache_of
 from ..methods import check_options, get_method
 from .flops import flop_counter, llm_prefill_flops, split_counts
 from ..eval.budgets import visual_tokens
@@ -169,7 +170,7 @@ class _Bench:
             "llm_prefill_tflops_analytic": analytic / 1e12,
             "llm_prefill_tflops_counted": llm_counted / 1e12,
             "vision_tflops": other / 1e12,
-            "kv_cache_bytes": kv_cache_bytes(output.past_key_values),
+            "kv_cache_bytes": kv_cache_bytes(cache_of(output)),
         }
 
     def measure(self, patch: Callable[[], Any] | None = None) -> dict[str, Any]:
