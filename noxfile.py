@@ -25,4 +25,47 @@ def adapters(session: nox.Session, transformers: str) -> None:
     """The adapter reference tests on one transformers release."""
     session.install(TORCH)
     session.install(".[test-core]", TORCH, f"transformers=={transformers}")
-    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/adapters", *session.posargs)
+    session.run(
+        "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml=.nox/junit-{transformers}.xml",
+        "tests/adapters", *session.posargs,
+    )
+
+
+@nox.session(python=False)
+def table(session: nox.Session) -> None:
+    """Print the version x family table (markdown) from the JUnit files the adapters sessions wrote."""
+    import xml.etree.ElementTree as ElementTree
+    from pathlib import Path
+
+    from vispruner.adapters import FAMILIES
+
+    results: dict[str, dict[str, list[bool]]] = {}
+    for version in TRANSFORMERS:
+        path = Path(f".nox/junit-{version}.xml")
+        if not path.exists():
+            continue
+        for case in ElementTree.parse(path).iter("testcase"):
+            name = case.get("name", "")
+            passed = case.find("failure") is None and case.find("error") is None
+            skipped = case.find("skipped") is not None
+            params = name[name.find("[") + 1 : -1].split("-") if "[" in name else []
+            families = {_family(part, FAMILIES) for part in params} - {None} or {"shared"}
+            for family in families:
+                results.setdefault(family, {}).setdefault(version, []).append(passed or skipped)
+    versions = [v for v in TRANSFORMERS if Path(f".nox/junit-{v}.xml").exists()]
+    lines = ["| family | " + " | ".join(versions) + " |", "| --- |" + " --- |" * len(versions)]
+    for family in sorted(results, key=lambda f: (f == "shared", f)):
+        cells = []
+        for version in versions:
+            runs = results[family].get(version)
+            cells.append("n/a" if runs is None else f"pass ({len(runs)})" if all(runs) else f"FAIL ({runs.count(False)}/{len(runs)})")
+        lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    session.log("\n" + "\n".join(lines))
+
+
+def _family(part: str, families) -> str | None:
+    """The model type a test-id parameter names (``onevision_video`` -> ``llava_onevision``)."""
+    if part in families:
+        return part
+    head = part.split("_")[0]
+    return next((model_type for model_type in families if model_type.endswith("_" + head)), None)
