@@ -14,7 +14,7 @@ What moved, release by release, within the tested range:
   ``past_key_values``; outputs carry it as ``past_key_values``.
 * 5.24: the argument and the output field are ``cache``; ``past_key_values`` is a deprecated
   alias until 5.40 (``@deprecate_kwarg``), and ``output.past_key_values`` a deprecated property.
-  ``create_masks_for_generate`` gained ``block_sequence_ids``. LLaVA's outputs became
+  LLaVA's outputs became
   ``Multimodal...OutputWithPast`` (``image_hidden_states`` a deprecated property; we read none).
 """
 
@@ -54,7 +54,7 @@ KNOWN = frozenset(
         "is_first_iteration",  # generate() -> create_masks_for_generate / forward (prefill flag)
         "or_mask_function",
         "and_mask_function",
-        "block_sequence_ids",  # create_masks_for_generate, 5.24
+        "block_sequence_ids",  # create_masks_for_generate (packed sequences; generate passes None)
         "logits_to_keep",
     }
 )
