@@ -76,12 +76,21 @@ def test_an_unknown_mask_or_position_argument_raises():
         model.generate(**inputs, max_new_tokens=1, kv_state=DynamicCache())
 
 
-def test_the_cache_is_found_under_either_name_and_both_at_once_is_refused():
+def test_the_cache_is_read_under_the_names_the_installed_function_takes():
+    def before_5_24(past_key_values=None, attention_mask=None):
+        pass
+
+    def from_5_24(cache=None, attention_mask=None):  # past_key_values: a deprecated alias
+        pass
+
     cache = DynamicCache()
+    assert hf_seam.cache_in({"past_key_values": cache, "attention_mask": None}, before_5_24, "f") is cache
+    with pytest.raises(NotImplementedError, match="f received cache=DynamicCache"):
+        hf_seam.cache_in({"cache": cache}, before_5_24, "f")  # the model would ignore it
     for name in hf_seam.CACHE_NAMES:
-        assert hf_seam.cache_in({name: cache, "attention_mask": None}, "f") is cache
+        assert hf_seam.cache_in({name: cache}, from_5_24, "f") is cache
     with pytest.raises(ValueError, match="both"):
-        hf_seam.cache_in({"cache": cache, "past_key_values": DynamicCache()}, "f")
+        hf_seam.cache_in({"cache": cache, "past_key_values": DynamicCache()}, from_5_24, "f")
 
 
 def test_a_decode_step_reads_the_cache_under_the_old_name_and_the_new():

@@ -140,8 +140,24 @@ def test_video_and_images_mixed(family, per_video):
         assert video.keep.sum(dim=1).tolist() == [1, 1, 1]
 
 
+def stock_generate_repeats_rows_right(family) -> bool:
+    """Whether the unpatched model's first sampled logits with ``num_return_sequences=2`` equal its
+    forward's (transformers 5.19 gets them wrong for Qwen3.5 with no pruning at all; docs/compatibility.md)."""
+    model, inputs = BUILDERS[family](), family_inputs(family, IMAGES)
+    with torch.no_grad():
+        expected = model(**inputs).logits[:, -1].repeat_interleave(2, dim=0)
+    out = model.generate(
+        **inputs, max_new_tokens=1, do_sample=True, num_return_sequences=2, return_dict_in_generate=True, output_logits=True
+    )
+    return torch.allclose(out.logits[0], expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sampling_and_beams_use_the_gathered_positions(family):
+    if family == "qwen3_5" and not stock_generate_repeats_rows_right(family):
+        import transformers
+
+        pytest.skip(f"transformers {transformers.__version__}'s own Qwen3.5 generate() is wrong with num_return_sequences")
     model, inputs, _, rows = prepared(family)
     torch.manual_seed(0)
     out = model.generate(

@@ -42,7 +42,6 @@ CACHE_NAMES = ("cache", "past_key_values")
 #: family adds its own (its pixel and grid arguments, its streams).
 KNOWN = frozenset(
     {
-        *CACHE_NAMES,
         "use_cache",
         "attention_mask",
         "position_ids",
@@ -119,14 +118,17 @@ def check_generate(generate: Callable[..., Any], arguments: dict[str, Any], extr
     check_known(arguments, "generate()", own.union(extra))
 
 
-def cache_in(arguments: dict[str, Any], where: str, extra: Iterable[str] = ()) -> Any:
-    """The KV cache among a call's arguments (by name; see :data:`CACHE_NAMES`), or None.
+def cache_in(arguments: dict[str, Any], function: Callable[..., Any], where: str, extra: Iterable[str] = ()) -> Any:
+    """The KV cache among the arguments of a call to ``function`` (as installed), or None.
 
-    Checks the other arguments with :func:`check_known` first, so a cache under a new name raises
-    instead of being missed (which would decode a compacted cache with unpruned masks).
+    Only the names ``function`` takes count (:func:`cache_names`), and the other arguments are
+    checked with :func:`check_known` first: a cache under a name this release does not take (a
+    rename upstream, or ``cache=`` before 5.24, which the model would ignore) raises instead of
+    being missed, which would decode a compacted cache with unpruned masks and positions.
     """
-    check_known(arguments, where, extra)
-    found = [arguments[name] for name in CACHE_NAMES if arguments.get(name) is not None]
+    names = cache_names(function)
+    check_known(arguments, where, set(names).union(extra))
+    found = [arguments[name] for name in names if arguments.get(name) is not None]
     if len(found) > 1 and found[0] is not found[1]:
         raise ValueError(f"{where} got both {' and '.join(CACHE_NAMES)}; pass one")
     return found[0] if found else None
@@ -158,9 +160,20 @@ def is_static(cache: Any) -> bool:
     return bool(getattr(cache, "is_compileable", False))
 
 
-@functools.lru_cache(maxsize=None)
 def cache_keyword(function: Callable[..., Any]) -> str:
     """The name under which ``function`` (as installed) takes the cache."""
+    return _cache_keyword(getattr(function, "__func__", function))  # a bound method: its function
+
+
+def cache_names(function: Callable[..., Any]) -> tuple[str, ...]:
+    """The names under which ``function`` (as installed) takes the cache: its parameter and, from
+    5.24 on, the deprecated alias ``past_key_values``."""
+    own = cache_keyword(function)
+    return (own,) if own == "past_key_values" else (own, "past_key_values")
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(function: Callable[..., Any]) -> str:
     parameters = inspect.signature(function).parameters
     for name in CACHE_NAMES:
         if name in parameters:

@@ -130,7 +130,7 @@ class LanguageStagePruner:
 
     def _forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         arguments = bind_arguments(original, args, kwargs)
-        cache = hf_seam.cache_in(arguments, f"{type(self.model).__name__}.forward", self.family.arguments)
+        cache = hf_seam.cache_in(arguments, original, f"{type(self.model).__name__}.forward", self.family.arguments)
         encoded = arguments.get("mm_encoder_outputs") or {}
         images = any(
             arguments.get(modality.pixels) is not None or encoded.get(modality.name) is not None
@@ -247,7 +247,9 @@ class LanguageStagePruner:
 
     def _language_forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         arguments = bind_arguments(original, args, kwargs)
-        cache = hf_seam.cache_in(arguments, f"{type(self.language_model).__name__}.forward", self.family.arguments)
+        cache = hf_seam.cache_in(
+            arguments, original, f"{type(self.language_model).__name__}.forward", self.family.arguments
+        )
         mask = arguments.get("attention_mask")
         prefill = hf_seam.cached_length(cache) == 0
         if prefill and hasattr(cache, PREFIX):
@@ -281,7 +283,7 @@ class LanguageStagePruner:
             return None
         hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
         args = args[1:] if args else args
-        cache = hf_seam.cache_in(kwargs, f"decoder layer {self.layer}")
+        cache = hf_seam.cache_in(kwargs, type(layer).forward, f"decoder layer {self.layer}")
         if step.groups is not None:
             if step.scores is None:
                 raise RuntimeError(f"the attention of decoder layer {self.layer - 1} did not run before layer {self.layer}")

@@ -435,7 +435,8 @@ class VisionStagePruner:
 
     def _generate(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         arguments = bind_arguments(original, args, kwargs)
-        hf_seam.check_generate(original, arguments, self.family.arguments)
+        cache_names = hf_seam.cache_names(type(self.model).forward)
+        hf_seam.check_generate(original, arguments, self.family.arguments.union(cache_names))
         visual = arguments.get("mm_encoder_outputs") is not None or any(
             arguments.get(modality.pixels) is not None for modality in self.family.modalities
         )
@@ -453,7 +454,7 @@ class VisionStagePruner:
 
     def _forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         arguments = bind_arguments(original, args, kwargs)
-        cache = hf_seam.cache_in(arguments, f"{type(self.model).__name__}.forward", self.family.arguments)
+        cache = hf_seam.cache_in(arguments, original, f"{type(self.model).__name__}.forward", self.family.arguments)
         past = hf_seam.cached_length(cache)
         if past == 0 and hasattr(cache, PREFIX):
             delattr(cache, PREFIX)  # a reset cache: static caches are reused across generate() calls
@@ -595,7 +596,7 @@ class VisionStagePruner:
 
     def _masks_for_generate(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         arguments = bind_arguments(original, args, kwargs)
-        cache = hf_seam.cache_in(arguments, "create_masks_for_generate", self.family.arguments)
+        cache = hf_seam.cache_in(arguments, original, "create_masks_for_generate", self.family.arguments)
         if arguments.get("is_first_iteration") or hasattr(cache, PREFIX):
             return arguments.get("attention_mask")
         return original(*args, **kwargs)
