@@ -22,7 +22,7 @@ from transformers import LlavaNextForConditionalGeneration
 import vispruner
 from vispruner.methods import available_methods, get_method
 
-from .adapters import siglip_cases
+from .adapters import siglip_cases, tile_cases
 from .adapters.cases import BUILDERS, FAMILIES, SIZES, TEXTS
 from .adapters.reference import _crops, _layout
 from .tiny_models import tiny_inputs, tiny_onevision
@@ -223,3 +223,37 @@ def test_method_through_apply_siglip(family, method):
     assert out.shape == (inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + siglip_cases.STEPS)
     assert [len(row) for row in rows] == expected
     assert all(e < f for e, f in zip(expected, inputs["attention_mask"].sum(dim=1).tolist()))
+
+
+@pytest.mark.parametrize("family", tile_cases.CASES)
+@pytest.mark.parametrize("method", available_methods())
+def test_method_through_apply_new_families(family, method):
+    """The contract on the families of issue 23: stock at full budget; the language model sees the
+    text and the kept tokens, lengths by the step-by-step reference (FastV keeps as many per unit,
+    from its cut on)."""
+    build, reference_rows = tile_cases.CASES[family]
+    model, inputs = build(TEXT_LAYERS)
+    expected = [len(embeds) for embeds, _ in reference_rows(model, inputs, "random", NUM_TOKENS)]
+    assert_keeping_everything_is_stock(model, inputs, method)
+    vispruner.apply(model, NUM_TOKENS, method=method)
+    seen: dict[int, list[int]] = {}
+
+    def record(index):
+        def hook(module, args, kwargs):
+            mask = kwargs.get("attention_mask")
+            if index not in seen and mask is not None and mask.ndim == 4:  # the prefill
+                seen[index] = mask[:, 0, -1].sum(-1).tolist()
+        return hook
+
+    layers = model.model.language_model.layers
+    handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert out.shape == (inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + STEPS)
+    full = inputs["attention_mask"].sum(dim=1).tolist()
+    cut = FASTV_LAYER if get_method(method).stage == "llm" else 0
+    assert [seen[i] for i in range(len(layers))] == [full] * cut + [expected] * (len(layers) - cut)
+    assert all(e < f for e, f in zip(expected, full))

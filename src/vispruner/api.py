@@ -140,6 +140,8 @@ def check_arguments(
         )
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {', '.join(map(repr, BUDGETS))}; got {budget!r}")
+    if budget == "per_image" and family is not None and family.per_image is not None:
+        raise ValueError(f"budget='per_image' is not supported on {family.name}: {family.per_image}; use budget='per_crop'")
     if positions is None:
         positions = "original" if chosen.stage == "llm" or original_only else "compacted"
     positions = check_positions(positions)

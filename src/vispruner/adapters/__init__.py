@@ -24,6 +24,7 @@ FAMILIES = {
     "qwen3_5": "vispruner.adapters.qwen3_5",
     "llava_onevision": "vispruner.adapters.llava_onevision",
     "gemma3": "vispruner.adapters.gemma3",
+    "internvl": "vispruner.adapters.internvl",
 }
 SUPPORTED = (
     "LLaVA-1.5 (LlavaForConditionalGeneration), LLaVA-NeXT (LlavaNextForConditionalGeneration), "
@@ -31,6 +32,7 @@ SUPPORTED = (
     "Qwen3-VL (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration), "
     "Qwen3.5 (Qwen3_5ForConditionalGeneration), "
     "LLaVA-OneVision (LlavaOnevisionForConditionalGeneration), Gemma 3 (Gemma3ForConditionalGeneration)"
+    ", InternVL 3 / 3.5 (InternVLForConditionalGeneration)"
 )
 
 

@@ -18,21 +18,22 @@ class ProjectionCapture:
     """Within a ``with`` block, hands one query row per batch item and the keys of ``attention`` to
     :meth:`_score`, once per forward, as soon as both projections exist (whichever runs first).
 
-    ``attention`` has ``q_proj`` and ``k_proj`` modules whose outputs are (B, L, heads * head size).
+    ``attention`` has ``q_proj`` and ``k_proj`` modules whose outputs are (B, L, heads * head size);
+    ``projections`` names others to read instead, when the layer transforms those outputs before
+    it attends (InternViT's ``q_norm`` and ``k_norm``, over the whole width).
     Subclasses say which query row to keep (:meth:`_row`) and what to make of it (:meth:`_score`).
     """
 
-    def __init__(self, attention: nn.Module) -> None:
+    def __init__(self, attention: nn.Module, projections: tuple[str, str] = ("q_proj", "k_proj")) -> None:
         self.attention = attention
+        self._projections = projections
         self._query: torch.Tensor | None = None
         self._keys: torch.Tensor | None = None
         self._handles: list[Any] = []
 
     def __enter__(self) -> "ProjectionCapture":
-        self._handles = [
-            self.attention.q_proj.register_forward_hook(self._on_query),
-            self.attention.k_proj.register_forward_hook(self._on_keys),
-        ]
+        query, key = (getattr(self.attention, name) for name in self._projections)
+        self._handles = [query.register_forward_hook(self._on_query), key.register_forward_hook(self._on_keys)]
         return self
 
     def __exit__(self, *exc_info: object) -> None:

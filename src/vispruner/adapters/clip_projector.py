@@ -57,12 +57,15 @@ class ProjectorVision:
         return ProjectorTap(self.model.model.multi_modal_projector, attention, keep_keys="keys" in needs)
 
 
-def feature_attention(model: nn.Module, layers: nn.ModuleList, arguments: dict[str, Any], strategy: str) -> nn.Module:
+def feature_attention(
+    model: nn.Module, layers: nn.ModuleList, arguments: dict[str, Any], strategy: str, attribute: str = "self_attn"
+) -> nn.Module:
     """The self-attention of the vision layer whose output feeds the projector in a feature call.
 
     ``arguments`` are the call's (``vision_feature_layer`` and ``vision_feature_select_strategy``,
     the config's when not given); ``ValueError`` unless the layer is one int and the strategy is
-    ``strategy`` ("default": [CLS] dropped; "full": towers without [CLS]).
+    ``strategy`` ("default": [CLS] dropped; "full": towers without [CLS]). ``attribute``: the
+    layer's self-attention module (InternViT calls it ``attention``).
     """
     config = model.config
     layer = arguments.get("vision_feature_layer")
@@ -81,22 +84,29 @@ def feature_attention(model: nn.Module, layers: nn.ModuleList, arguments: dict[s
             f"vision_feature_layer must select an encoder layer's output: an integer in -{count}..-1 or 1..{count}; "
             f"got {layer}"
         )
-    return layers[hidden - 1].self_attn
+    return getattr(layers[hidden - 1], attribute)
 
 
 class ProjectorTap:
     """[CLS] attention (and keys) of one CLIP layer; the projector's (crops, N, C) input as features."""
 
-    def __init__(self, projector: nn.Module, attention: nn.Module | None, keep_keys: bool) -> None:
+    def __init__(
+        self,
+        projector: nn.Module,
+        attention: nn.Module | None,
+        keep_keys: bool,
+        projections: tuple[str, str] = ("q_proj", "k_proj"),
+    ) -> None:
         self.module = projector
         self._attention = attention
         self._keep_keys = keep_keys
+        self._projections = projections
         self._capture: ClsAttentionCapture | None = None
         self._stack = ExitStack()
 
     def __enter__(self) -> "ProjectorTap":
         if self._attention is not None:
-            self._capture = self._stack.enter_context(ClsAttentionCapture(self._attention, self._keep_keys))
+            self._capture = self._stack.enter_context(ClsAttentionCapture(self._attention, self._keep_keys, self._projections))
         return self
 
     def __exit__(self, *exc_info: object) -> None:

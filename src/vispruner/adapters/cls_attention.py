@@ -24,8 +24,8 @@ class ClsAttentionCapture(ProjectionCapture):
         ``keys()``: (B, N, H, d) the patches' keys per head (only if ``keep_keys``).
     """
 
-    def __init__(self, attention: nn.Module, keep_keys: bool) -> None:
-        super().__init__(attention)
+    def __init__(self, attention: nn.Module, keep_keys: bool, projections: tuple[str, str] = ("q_proj", "k_proj")) -> None:
+        super().__init__(attention, projections)
         self._keep_keys = keep_keys
         self._scores: torch.Tensor | None = None
         self._patch_keys: torch.Tensor | None = None

@@ -82,8 +82,12 @@ class PooledTap:
 
     module: nn.Module
 
-    def __init__(self, model: nn.Module, attention: nn.Module | None, keep_keys: bool) -> None:
+    def __init__(
+        self, model: nn.Module, attention: nn.Module | None, keep_keys: bool, source: nn.Module | None = None
+    ) -> None:
         self.model = model
+        #: The module whose input is the per-patch features (default: the multimodal projector).
+        self._source = model.model.multi_modal_projector if source is None else source
         self._attention = attention
         self._keep_keys = keep_keys
         self._capture: ReceivedAttentionCapture | None = None
@@ -95,7 +99,7 @@ class PooledTap:
     def __enter__(self) -> "PooledTap":
         if self._attention is not None:
             self._capture = self._stack.enter_context(ReceivedAttentionCapture(self._attention, self._keep_keys))
-        handle = self.model.model.multi_modal_projector.register_forward_pre_hook(self._on_projector)
+        handle = self._source.register_forward_pre_hook(self._on_projector)
         self._stack.callback(handle.remove)
         self._stack.callback(self.patch.restore)
         return self

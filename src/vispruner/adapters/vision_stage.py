@@ -208,6 +208,8 @@ class Family:
         original_positions_only: whether ``positions="original"`` is the only setting (3D
             positions gathered from the unpruned prompt have no renumbered counterpart).
         language_stage: why LLM-stage methods (FastV) cannot run on it, or None if they can.
+        per_image: why ``budget="per_image"`` cannot run on it, or None if it can (InternVL and
+            SmolVLM get their tiles as a flat batch that does not say which image each is of).
     """
 
     name: str
@@ -221,6 +223,7 @@ class Family:
     shared_piece_budget: bool = False
     original_positions_only: bool = False
     language_stage: str | None = None
+    per_image: str | None = None
 
     @property
     def arguments(self) -> frozenset[str]:
@@ -357,8 +360,13 @@ class VisionStagePruner:
         self.last = selections
         if modality.stacked:
             output.pooler_output = list(output.pooler_output)
+        packed = self.vision.pack(modality, keeps, arguments)
         features = output.pooler_output if hasattr(output, "pooler_output") else output[1]
-        for image, mask, selection in zip(features, self.vision.pack(modality, keeps, arguments), selections):
+        if len(features) != len(packed):
+            # The stock output groups items otherwise (SmolVLM: a prompt's tiles concatenated); one
+            # tensor per item instead, which generate() and the forward regroup as they need.
+            output.pooler_output = features = list(torch.cat(list(features)).split([len(mask) for mask in packed]))
+        for image, mask, selection in zip(features, packed, selections):
             if image.shape[0] != mask.shape[0]:
                 raise RuntimeError(f"an image has {image.shape[0]} feature rows but {mask.shape[0]} packed keep flags")
             setattr(image, KEEP, mask.to(image.device))

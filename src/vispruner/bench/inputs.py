@@ -9,6 +9,8 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING
 
+from ..eval.budgets import square_side
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
@@ -43,7 +45,7 @@ def default_image_size(model: "PreTrainedModel") -> tuple[int, int]:
     if is_next(model):
         height, width = max(model.config.image_grid_pinpoints, key=lambda hw: hw[0] * hw[1])
         return int(height), int(width)
-    side = model.config.vision_config.image_size
+    side = square_side(model.config.vision_config.image_size)
     return side, side
 
 
@@ -65,7 +67,7 @@ def image_inputs(
             "pixel_values": torch.randn(batch_size * rows * cols, width, generator=generator),
             "image_grid_thw": torch.tensor([[1, rows, cols]] * batch_size),
         }
-    side = model.config.vision_config.image_size
+    side = square_side(model.config.vision_config.image_size)
     if not is_next(model):
         return {"pixel_values": torch.randn(batch_size, 3, side, side, generator=generator)}
     crops = image_size_to_num_patches(list(image_size), model.config.image_grid_pinpoints, side)

@@ -219,6 +219,28 @@ def _tiny_qwen2_5_vl() -> "PretrainedConfig":
     )
 
 
+def _internvl3_8b() -> "PretrainedConfig":
+    """OpenGVLab/InternVL3-8B-hf: InternViT-300M at 448 px (32 x 32 patches and a [CLS], last layer),
+    pixel-shuffled 2 x 2 to 256 tokens a tile, and the Qwen2.5-7B decoder."""
+    from transformers import InternVLConfig
+
+    return InternVLConfig(
+        vision_config=dict(
+            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=448,
+            patch_size=14, attention_bias=True, use_qk_norm=False, norm_type="layer_norm", layer_norm_eps=1e-6,
+            layer_scale_init_value=0.1, use_mean_pooling=True, hidden_act="gelu",
+        ),
+        text_config=dict(
+            model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+            num_attention_heads=28, num_key_value_heads=4, vocab_size=151674, max_position_embeddings=32768,
+            rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            bos_token_id=151643, pad_token_id=151643,
+        ),
+        image_token_id=151667, image_seq_length=256, downsample_ratio=0.5, projector_hidden_act="gelu",
+        vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=False,
+    )
+
+
 _QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
 
 PRESETS: dict[str, Preset] = {
@@ -245,6 +267,7 @@ PRESETS: dict[str, Preset] = {
         Preset("qwen3-vl-8b", "Qwen/Qwen3-VL-8B-Instruct", _qwen3_vl_8b),
         Preset("llava-onevision-7b", "llava-hf/llava-onevision-qwen2-7b-ov-hf", _onevision_7b),
         Preset("gemma-3-4b", "google/gemma-3-4b-it", _gemma3_4b),
+        Preset("internvl3-8b", "OpenGVLab/InternVL3-8B-hf", _internvl3_8b),
         Preset("tiny-llava", "", lambda: _llava(_TINY_TEXT, _TINY_VISION, image_token_id=511)),
         Preset("tiny-qwen2.5-vl", "", _tiny_qwen2_5_vl),
         Preset(

@@ -69,7 +69,15 @@ def visual_tokens(model: Any, image_size: int | None = None) -> int:
         return (image_size // (vision.patch_size * vision.spatial_merge_size)) ** 2
     if hasattr(config, "mm_tokens_per_image"):  # Gemma 3: the patches pooled to this many tokens
         return config.mm_tokens_per_image
-    patches = (vision.image_size // vision.patch_size) ** 2
+    side = square_side(vision.image_size) // square_side(vision.patch_size)
+    if getattr(config, "downsample_ratio", None) is not None:  # InternVL: pixel shuffle, 2 x 2 patches a token
+        return int(side * config.downsample_ratio) ** 2
+    patches = side**2
     # "full" keeps CLIP's [CLS] as a token; SigLIP has none.
     full = getattr(config, "vision_feature_select_strategy", "default") == "full"
     return patches + int(full and vision.model_type == "clip_vision_model")
+
+
+def square_side(size: Any) -> int:
+    """A square size given as an int or as (height, width) (InternViT's config)."""
+    return int(size if isinstance(size, int) else size[0])

@@ -1,0 +1,126 @@
+"""A step-by-step reference for families that give the model a flat batch of tiles, sharing no code
+with the adapters: InternVL (InternViT with [CLS], pixel shuffle 2 x 2) and SmolVLM / Idefics3
+(SigLIP without [CLS], pixel shuffle 2 x 2 in the connector).
+
+The tower's features come from ``output_hidden_states``; the [CLS] row (InternVL) or the mean
+attention each patch receives (SmolVLM) from an eager copy of the tower with
+``output_attentions``; keys from the layer's own norm, key projection (and key norm). The
+2 x 2 grouping is written out by hand (a token is patches (2r, 2c), (2r, 2c + 1), (2r + 1, 2c),
+(2r + 1, 2c + 1), concatenated; its signal their mean), checked against the stock model's tokens.
+The registered method chooses per tile; the kept tokens are the stock model's (merged ones
+projected by hand) laid into each prompt, and the language model runs on one unpadded row at a
+time without a cache (tests/adapters/reference.py).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from vispruner.methods import VisionSignals, get_method
+
+
+def group_2x2(values: torch.Tensor, side: int, mean: bool) -> torch.Tensor:
+    """(n, side * side, ...) per patch -> (n, (side / 2)^2, ...) per token: the mean of its 4
+    patches (``mean``) or their rows concatenated."""
+    count, _, *trailing = values.shape
+    grid = values.reshape(count, side // 2, 2, side // 2, 2, *trailing).movedim(3, 2)  # (n, r, c, 2, 2, ...)
+    grid = grid.reshape(count, (side // 2) ** 2, 4, *trailing)
+    return grid.mean(dim=2) if mean else grid.flatten(2)
+
+
+def internvl_signals(model, pixels: torch.Tensor):
+    """features (n, T, 4C), [CLS] attention (n, T) and keys (n, T, H, d), per token."""
+    tower = model.model.vision_tower
+    layer = model.config.vision_feature_layer
+    count = len(tower.encoder.layer)
+    index = layer if layer >= 0 else count + 1 + layer
+    with torch.no_grad():
+        states = tower(pixels, output_hidden_states=True)
+        eager = copy.deepcopy(tower)
+        eager.set_attn_implementation("eager")
+        attention = eager(pixels, output_attentions=True).attentions[index - 1]
+        block = tower.encoder.layer[index - 1]
+        keys = block.attention.k_norm(block.attention.k_proj(block.layernorm_before(states.hidden_states[index - 1])))
+    features = states.last_hidden_state if layer == -1 else states.hidden_states[index]
+    side = int((features.shape[1] - 1) ** 0.5)
+    heads = block.attention.num_heads
+    keys = keys[:, 1:].unflatten(-1, (heads, keys.shape[-1] // heads))
+    return (
+        group_2x2(features[:, 1:], side, mean=False),
+        group_2x2(attention[:, :, 0, 1:].mean(dim=1), side, mean=True),
+        group_2x2(keys, side, mean=True),
+    )
+
+
+def internvl_tiles(model, pixel_values, method="vispruner", num_tokens=4, **options) -> list[torch.Tensor]:
+    """Per tile: its kept tokens (k, D), in order."""
+    features, scores, keys = internvl_signals(model, pixel_values)
+    with torch.no_grad():
+        stock = model.model.get_image_features(pixel_values).pooler_output
+    return _chosen(model.model.multi_modal_projector, features, scores, keys, stock, method, num_tokens, **options)
+
+
+def smolvlm_tiles(model, pixel_values, method="vispruner", num_tokens=4, **options) -> list[torch.Tensor]:
+    """Per real tile (all-zero padding tiles dropped): its kept tokens (k, D), in order."""
+    tiles = pixel_values.flatten(0, 1)
+    tiles = tiles[(tiles != 0).flatten(1).any(dim=1)]
+    tower = model.model.vision_model
+    with torch.no_grad():
+        states = tower(tiles, output_hidden_states=True)
+        eager = copy.deepcopy(tower)
+        eager.set_attn_implementation("eager")
+        attention = eager(tiles, output_attentions=True).attentions[-1]
+        block = tower.encoder.layers[-1]
+        keys = block.self_attn.k_proj(block.layer_norm1(states.hidden_states[-2]))
+        stock = torch.cat(list(model.model.get_image_features(pixel_values).pooler_output))
+    side = int(tiles.shape[-1] // model.config.vision_config.patch_size)
+    heads = block.self_attn.num_heads
+    features = group_2x2(states.last_hidden_state, side, mean=False)
+    scores = group_2x2(attention.mean(dim=(1, 2)), side, mean=True)
+    keys = group_2x2(keys.unflatten(-1, (heads, keys.shape[-1] // heads)), side, mean=True)
+    stock = stock.view(len(tiles), -1, stock.shape[-1])
+    return _chosen(model.model.connector.modality_projection, features, scores, keys, stock, method, num_tokens, **options)
+
+
+def _chosen(projector, features, scores, keys, stock, method, num_tokens, **options) -> list[torch.Tensor]:
+    with torch.no_grad():
+        torch.testing.assert_close(projector(features), stock, rtol=1e-5, atol=1e-5)  # the grouping is the model's
+    side = int(features.shape[1] ** 0.5)
+    selection = get_method(method).select(VisionSignals(features, scores, keys, (side, side), stock), num_tokens, **options)
+    tiles = []
+    for index, keep in enumerate(selection.keep):
+        tokens = stock[index].clone()
+        if selection.features is not None:
+            changed = (selection.features[index] != features[index]).any(dim=-1)
+            with torch.no_grad():
+                tokens[changed] = projector(selection.features[index][changed])
+        tiles.append(tokens[keep])
+    return tiles
+
+
+def tile_rows(model, input_ids, attention_mask, tiles: list[torch.Tensor], per_tile: int):
+    """Per row: (embeddings, source ids) of the unpadded prompt, each run of placeholders replaced
+    by the kept tokens of its run's tiles (``per_tile`` placeholders each); source -1 for an image token."""
+    image_id = model.config.image_token_id
+    embed = model.get_input_embeddings()
+    queue = iter(tiles)
+    rows = []
+    for ids, mask in zip(input_ids, attention_mask):
+        ids = ids[mask.bool()]
+        parts, sources, position = [], [], 0
+        while position < len(ids):
+            if int(ids[position]) == image_id:
+                run = int((ids[position:] == image_id).long().cumprod(0).sum())
+                kept = torch.cat([next(queue) for _ in range(run // per_tile)])
+                parts.append(kept)
+                sources += [-1] * len(kept)
+                position += run
+            else:
+                with torch.no_grad():
+                    parts.append(embed(ids[position : position + 1]))
+                sources.append(int(ids[position]))
+                position += 1
+        rows.append((torch.cat(parts), torch.tensor(sources)))
+    return rows

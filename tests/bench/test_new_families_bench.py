@@ -1,0 +1,45 @@
+"""The bench path on tiny models of the families added with issue 23 (the published presets are
+too large for CI): the budget unit, and LM FLOPs by formula = counted (FastV: but for its score row)."""
+
+from __future__ import annotations
+
+import pytest
+
+from vispruner.bench.presets import PRESETS
+from vispruner.bench.runner import BenchSettings, run_bench
+from vispruner.eval.budgets import visual_tokens
+
+from ..tiny_internvl import TOKENS as INTERNVL_TOKENS
+from ..tiny_internvl import tiny_internvl
+
+#: family -> (tiny model builder taking text_layers, visual tokens per tile or image, preset, its tokens).
+CASES = {
+    "internvl": (tiny_internvl, INTERNVL_TOKENS, "internvl3-8b", 256),
+}
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_bench_runs_and_counted_flops_equal_the_formula(family):
+    build, unit, _, _ = CASES[family]
+    settings = BenchSettings(tokens=(8,), methods=("vispruner", "fastv"), repeats=1, warmup=0, text_tokens=8, new_tokens=2)
+    model = build(text_layers=4)
+    result = run_bench(model, settings, progress=False)
+    assert result.meta["patches_per_crop"] == unit
+    assert visual_tokens(model.config) == unit  # what the CLI reads from a config before loading
+    full, *pruned = result.rows
+    assert [row["num_tokens"] for row in pruned] == [8, 8] and result.meta["skipped"] == []
+    text = model.config.text_config
+    # FastV scores one query row, all heads, against the whole prompt's keys: 2 L H h beyond the formula.
+    score_row = 2 * (8 + unit) * text.num_attention_heads * (text.hidden_size // text.num_attention_heads)
+    for row in result.rows:
+        analytic, counted = (round(row[f"llm_prefill_tflops_{kind}"] * 1e12) for kind in ("analytic", "counted"))
+        assert counted - analytic == (score_row if row["method"] == "fastv" else 0), row
+        assert row["llm_prefill_tflops_analytic"] <= full["llm_prefill_tflops_analytic"]
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_preset_is_the_published_architecture(family):
+    _, _, preset, tokens = CASES[family]
+    config = PRESETS[preset].config()
+    assert config.model_type == family
+    assert visual_tokens(config, image_size=1024) == tokens  # image_size: for families whose count follows it
