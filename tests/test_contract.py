@@ -231,9 +231,9 @@ def test_method_through_apply_new_families(family, method):
     """The contract on the families of issue 23: stock at full budget; the language model sees the
     text and the kept tokens, lengths by the step-by-step reference (FastV keeps as many per unit,
     from its cut on)."""
-    build, reference_rows = tile_cases.CASES[family]
-    model, inputs = build(TEXT_LAYERS)
-    expected = [len(embeds) for embeds, _ in reference_rows(model, inputs, "random", NUM_TOKENS)]
+    case = tile_cases.CASES[family]
+    model, inputs = case.build(text_layers=TEXT_LAYERS), case.inputs()
+    expected = [len(embeds) for embeds, _ in case.rows(model, inputs, "random", NUM_TOKENS)]
     assert_keeping_everything_is_stock(model, inputs, method)
     vispruner.apply(model, NUM_TOKENS, method=method)
     seen: dict[int, list[int]] = {}

@@ -8,7 +8,7 @@ attention each patch receives (SmolVLM) from an eager copy of the tower with
 2 x 2 grouping is written out by hand (a token is patches (2r, 2c), (2r, 2c + 1), (2r + 1, 2c),
 (2r + 1, 2c + 1), concatenated; its signal their mean), checked against the stock model's tokens.
 The registered method chooses per tile; the kept tokens are the stock model's (merged ones
-projected by hand) laid into each prompt, and the language model runs on one unpadded row at a
+projected by hand) laid into each prompt placeholder by placeholder, and the language model runs on one unpadded row at a
 time without a cache (tests/adapters/reference.py).
 """
 
@@ -55,7 +55,7 @@ def internvl_signals(model, pixels: torch.Tensor):
 
 
 def internvl_tiles(model, pixel_values, method="vispruner", num_tokens=4, **options) -> list[torch.Tensor]:
-    """Per tile: its kept tokens (k, D), in order."""
+    """Per tile: its tokens (T, D), merged ones re-projected, and which it keeps (T,)."""
     features, scores, keys = internvl_signals(model, pixel_values)
     with torch.no_grad():
         stock = model.model.get_image_features(pixel_values).pooler_output
@@ -63,7 +63,7 @@ def internvl_tiles(model, pixel_values, method="vispruner", num_tokens=4, **opti
 
 
 def smolvlm_tiles(model, pixel_values, method="vispruner", num_tokens=4, **options) -> list[torch.Tensor]:
-    """Per real tile (all-zero padding tiles dropped): its kept tokens (k, D), in order."""
+    """Per real tile (all-zero padding tiles dropped): its tokens (T, D) and which it keeps (T,)."""
     tiles = pixel_values.flatten(0, 1)
     tiles = tiles[(tiles != 0).flatten(1).any(dim=1)]
     tower = model.model.vision_model
@@ -96,31 +96,31 @@ def _chosen(projector, features, scores, keys, stock, method, num_tokens, **opti
             changed = (selection.features[index] != features[index]).any(dim=-1)
             with torch.no_grad():
                 tokens[changed] = projector(selection.features[index][changed])
-        tiles.append(tokens[keep])
+        tiles.append((tokens, keep))
     return tiles
 
 
-def tile_rows(model, input_ids, attention_mask, tiles: list[torch.Tensor], per_tile: int):
-    """Per row: (embeddings, source ids) of the unpadded prompt, each run of placeholders replaced
-    by the kept tokens of its run's tiles (``per_tile`` placeholders each); source -1 for an image token."""
+def placeholder_rows(model, input_ids, attention_mask, items: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Per row: (embeddings, source ids) of the unpadded prompt with each placeholder replaced by
+    its item's token where the item keeps it and dropped where not; ``items`` are (tokens (P, D),
+    keep (P,)) in reading order over the batch, P placeholders each. Source -1 for an image token."""
     image_id = model.config.image_token_id
     embed = model.get_input_embeddings()
-    queue = iter(tiles)
+    flat = [(token, kept) for tokens, keep in items for token, kept in zip(tokens, keep.tolist())]
+    queue = iter(flat)
     rows = []
     for ids, mask in zip(input_ids, attention_mask):
-        ids = ids[mask.bool()]
-        parts, sources, position = [], [], 0
-        while position < len(ids):
-            if int(ids[position]) == image_id:
-                run = int((ids[position:] == image_id).long().cumprod(0).sum())
-                kept = torch.cat([next(queue) for _ in range(run // per_tile)])
-                parts.append(kept)
-                sources += [-1] * len(kept)
-                position += run
+        parts, sources = [], []
+        for token_id in ids[mask.bool()].tolist():
+            if token_id == image_id:
+                token, kept = next(queue)
+                if kept:
+                    parts.append(token[None])
+                    sources.append(-1)
             else:
                 with torch.no_grad():
-                    parts.append(embed(ids[position : position + 1]))
-                sources.append(int(ids[position]))
-                position += 1
+                    parts.append(embed(torch.tensor([token_id])))
+                sources.append(token_id)
         rows.append((torch.cat(parts), torch.tensor(sources)))
+    assert next(queue, None) is None, "more items than placeholders"
     return rows

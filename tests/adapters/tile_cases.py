@@ -1,27 +1,42 @@
-"""The batches the contract test runs on the families added with issue 23, one entry per family:
-a model builder taking ``text_layers``, its inputs (left padding, images of different sizes,
-several images and a video in a prompt) and the reference rows (text + kept tokens per row)."""
+"""The families added with issue 23, one :class:`Case` each, for their reference tests
+(test_new_families.py) and the contract test: a tiny model builder, a left-padded batch (images of
+different sizes, several images and a video in a prompt), and the step-by-step reference."""
 
 from __future__ import annotations
 
-from tests.tiny_internvl import PROMPTS as INTERNVL_PROMPTS
-from tests.tiny_internvl import TOKENS as INTERNVL_TOKENS
-from tests.tiny_internvl import internvl_inputs, tiny_internvl
+from dataclasses import dataclass
+from typing import Any, Callable
 
-from .reference_tiles import internvl_tiles, tile_rows
+from tests import tiny_internvl
 
-
-def internvl_case(text_layers: int):
-    model = tiny_internvl(text_layers=text_layers)
-    return model, internvl_inputs(INTERNVL_PROMPTS)
+from .reference_tiles import internvl_tiles, placeholder_rows
 
 
-def internvl_rows(model, inputs, method: str, num_tokens: int):
-    tiles = internvl_tiles(model, inputs["pixel_values"], method, num_tokens)
-    return tile_rows(model, inputs["input_ids"], inputs["attention_mask"], tiles, INTERNVL_TOKENS)
+@dataclass(frozen=True)
+class Case:
+    """``build(**options)`` a tiny model (``text_layers``, ``attn_implementation``, ...);
+    ``inputs()`` its batch; ``items(model, inputs, method, num_tokens, **options)`` the reference's
+    (tokens, keep) per budget unit; ``units(inputs)`` how many units the batch has; ``per_image``:
+    whether ``budget="per_image"`` runs (else the ``ValueError`` names the family)."""
+
+    name: str
+    build: Callable[..., Any]
+    inputs: Callable[[], dict]
+    items: Callable[..., list]
+    units: Callable[[dict], int]
+    per_image: bool = False
+
+    def rows(self, model, inputs, method: str, num_tokens: int, **options) -> list:
+        items = self.items(model, inputs, method, num_tokens, **options)
+        return placeholder_rows(model, inputs["input_ids"], inputs["attention_mask"], items)
 
 
-#: family -> (model and inputs, reference rows).
 CASES = {
-    "internvl": (internvl_case, internvl_rows),
+    "internvl": Case(
+        "InternVL",
+        tiny_internvl.tiny_internvl,
+        lambda: tiny_internvl.internvl_inputs(tiny_internvl.PROMPTS),
+        lambda model, inputs, *args, **options: internvl_tiles(model, inputs["pixel_values"], *args, **options),
+        lambda inputs: inputs["pixel_values"].shape[0],
+    ),
 }
