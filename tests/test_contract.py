@@ -245,7 +245,7 @@ def test_method_through_apply_new_families(family, method):
                 seen[index] = mask[:, 0, -1].sum(-1).tolist()
         return hook
 
-    layers = model.model.language_model.layers
+    layers = model.get_decoder().layers
     handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)

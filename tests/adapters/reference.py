@@ -216,7 +216,7 @@ def lm_logits(model, embeds: torch.Tensor, positions: torch.Tensor | None = None
     length = len(embeds)
     positions = torch.arange(length) if positions is None else positions
     with torch.no_grad():
-        hidden = model.model.language_model(
+        hidden = model.get_decoder()(
             inputs_embeds=embeds.unsqueeze(0),
             position_ids=positions.unsqueeze(0),
             attention_mask=torch.ones(1, length, dtype=torch.long),

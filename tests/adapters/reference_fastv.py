@@ -72,7 +72,7 @@ def fastv_logits(model, embeds: torch.Tensor, groups: torch.Tensor, layer: int, 
 
     Returns the logits (n', V) of the tokens that layers from ``layer`` on see, and keep (n,) bool.
     """
-    language_model = model.model.language_model
+    language_model = model.get_decoder()
     prompt = len(groups)
     hidden, positions = embeds[None], torch.arange(len(embeds))
     keep = torch.ones(len(embeds), dtype=torch.bool)

@@ -47,7 +47,7 @@ def test_language_model_receives_text_and_kept_tokens(family, method, options):
         seen.setdefault("embeds", kwargs["inputs_embeds"])
         seen.setdefault("mask", kwargs["attention_mask"])
 
-    handle = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+    handle = model.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
     try:
         out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
     finally:
@@ -175,3 +175,13 @@ def test_lmms_plugin_reads_the_family_from_the_config(family, tmp_path):
     if not case.per_image:
         with pytest.raises(ValueError, match=f"per_image.*not supported on {case.name}"):
             check_checkpoint(parse_model_args({"pretrained": str(tmp_path), "num_tokens": 8, "budget": "per_image"}))
+
+
+def test_smolvlm_refuses_tiles_padded_inside():
+    """The processor makes whole tiles; a tile padded inside (pixel_attention_mask with zeros) would
+    need the received attention masked as SigLIP masks it, which is not implemented."""
+    model, inputs = CASES["smolvlm"].build(), CASES["smolvlm"].inputs()
+    inputs["pixel_attention_mask"][0, 0, :, -4:] = 0
+    vispruner.apply(model, NUM_TOKENS)
+    with pytest.raises(NotImplementedError, match="pixel_attention_mask all ones"):
+        model.generate(**inputs, max_new_tokens=1)

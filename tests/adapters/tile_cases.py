@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from tests import tiny_internvl
+from tests import tiny_internvl, tiny_smolvlm
 
-from .reference_tiles import internvl_tiles, placeholder_rows
+from .reference_tiles import internvl_tiles, placeholder_rows, smolvlm_tiles
 
 
 @dataclass(frozen=True)
@@ -39,4 +39,14 @@ CASES = {
         lambda model, inputs, *args, **options: internvl_tiles(model, inputs["pixel_values"], *args, **options),
         lambda inputs: inputs["pixel_values"].shape[0],
     ),
+    **{
+        family: Case(
+            "SmolVLM / Idefics3",
+            build,
+            lambda: tiny_smolvlm.smolvlm_inputs(tiny_smolvlm.PROMPTS),
+            lambda model, inputs, *args, **options: smolvlm_tiles(model, inputs["pixel_values"], *args, **options),
+            lambda inputs: int(inputs["pixel_attention_mask"].flatten(2).any(dim=2).sum()),
+        )
+        for family, build in (("smolvlm", tiny_smolvlm.tiny_smolvlm), ("idefics3", tiny_smolvlm.tiny_idefics3))
+    },
 }

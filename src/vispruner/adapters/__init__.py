@@ -25,6 +25,8 @@ FAMILIES = {
     "llava_onevision": "vispruner.adapters.llava_onevision",
     "gemma3": "vispruner.adapters.gemma3",
     "internvl": "vispruner.adapters.internvl",
+    "smolvlm": "vispruner.adapters.smolvlm",
+    "idefics3": "vispruner.adapters.smolvlm",
 }
 SUPPORTED = (
     "LLaVA-1.5 (LlavaForConditionalGeneration), LLaVA-NeXT (LlavaNextForConditionalGeneration), "
@@ -33,6 +35,7 @@ SUPPORTED = (
     "Qwen3.5 (Qwen3_5ForConditionalGeneration), "
     "LLaVA-OneVision (LlavaOnevisionForConditionalGeneration), Gemma 3 (Gemma3ForConditionalGeneration)"
     ", InternVL 3 / 3.5 (InternVLForConditionalGeneration)"
+    ", SmolVLM / Idefics3 (SmolVLMForConditionalGeneration, Idefics3ForConditionalGeneration)"
 )
 
 

@@ -73,7 +73,7 @@ class LanguageStagePruner:
     def __init__(self, model: nn.Module, family: Family, settings: Settings) -> None:
         self.model = model
         self.family = family
-        self.language_model = model.model.language_model
+        self.language_model = model.get_decoder()  # model.model.language_model; SmolVLM: text_model
         self.layers = self.language_model.layers
         options = dict(settings.options)
         self.layer = check_layer(options.pop("layer", DEFAULT_LAYER), len(self.layers))
