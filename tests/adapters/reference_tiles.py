@@ -1,6 +1,7 @@
-"""A step-by-step reference for families that give the model a flat batch of tiles, sharing no code
-with the adapters: InternVL (InternViT with [CLS], pixel shuffle 2 x 2) and SmolVLM / Idefics3
-(SigLIP without [CLS], pixel shuffle 2 x 2 in the connector).
+"""A step-by-step reference for the families of issue 23, sharing no code with the adapters:
+InternVL (InternViT with [CLS], pixel shuffle 2 x 2), SmolVLM / Idefics3 (SigLIP without [CLS],
+pixel shuffle 2 x 2 in the connector) and Mistral 3 (Pixtral: images of their own sizes in one
+sequence with 2D rotary positions, a 2 x 2 patch merger).
 
 The tower's features come from ``output_hidden_states``; the [CLS] row (InternVL) or the mean
 attention each patch receives (SmolVLM) from an eager copy of the tower with
@@ -84,11 +85,62 @@ def smolvlm_tiles(model, pixel_values, method="vispruner", num_tokens=4, **optio
     return _chosen(model.model.connector.modality_projection, features, scores, keys, stock, method, num_tokens, **options)
 
 
-def _chosen(projector, features, scores, keys, stock, method, num_tokens, **options) -> list[torch.Tensor]:
+def mistral3_images(model, pixel_values, image_sizes, method="vispruner", num_tokens=4, **options) -> list:
+    """Per image: its tokens (T, D), merged ones re-projected, and which it keeps (T,).
+
+    The received attention is the eager attention's mean over heads and over the image's own
+    queries (the mask is block-diagonal); the keys get the rotary embedding of each patch's
+    (row, column), as the layer applies it. A merge group is the 2 x 2 patches (2r..2r+1,
+    2c..2c+1); the merging layer's input holds them channel by channel (each channel's 4 values
+    in raster order), as ``unfold`` lays them out.
+    """
+    from transformers.models.pixtral.modeling_pixtral import apply_rotary_pos_emb
+
+    tower = model.model.vision_tower
+    projector = model.model.multi_modal_projector
+    patch = model.config.vision_config.patch_size
+    grids = [(int(h) // patch, int(w) // patch) for h, w in image_sizes.tolist()]
+    with torch.no_grad():
+        states = tower(pixel_values, image_sizes=image_sizes, output_hidden_states=True).hidden_states
+        eager = copy.deepcopy(tower)
+        eager.set_attn_implementation("eager")
+        attention = eager(pixel_values, image_sizes=image_sizes, output_attentions=True).attentions[-1][0]
+        block = tower.transformer.layers[-1]
+        heads, width = block.attention.num_heads, block.attention.head_dim
+        keys = block.attention.k_proj(block.attention_norm(states[-2]))[0].view(-1, heads, width).transpose(0, 1)
+        positions = torch.cat([torch.cartesian_prod(torch.arange(h), torch.arange(w)) for h, w in grids])
+        cos, sin = tower.patch_positional_embedding(keys, positions)
+        keys = apply_rotary_pos_emb(keys, keys, cos, sin, unsqueeze_dim=0)[0].transpose(0, 1)  # (L, H, d)
+        normed = projector.norm(states[-1][0])
+        stock = model.model.get_image_features(pixel_values, image_sizes).pooler_output
+
+    def project(merged):
+        return projector.linear_2(projector.act(projector.linear_1(projector.patch_merger.merging_layer(merged))))
+
+    def groups(values, h, w, mean):  # (h * w, K) -> (h/2 * w/2, K) means, or (.., K * 4) channel by channel
+        grid = values.reshape(h // 2, 2, w // 2, 2, -1).permute(0, 2, 4, 1, 3).reshape((h // 2) * (w // 2), -1, 4)
+        return grid.mean(dim=-1) if mean else grid.flatten(1)
+
+    images, start = [], 0
+    for (h, w), tokens in zip(grids, stock):
+        segment = slice(start, start + h * w)
+        start += h * w
+        features = groups(normed[segment], h, w, mean=False)
+        scores = groups(attention[:, segment, segment].mean(dim=(0, 1)).unsqueeze(-1), h, w, mean=True)[:, 0]
+        image_keys = groups(keys[segment].flatten(1), h, w, mean=True).unflatten(-1, (heads, width))
+        items = _chosen(project, features[None], scores[None], image_keys[None], tokens[None], method, num_tokens,
+                        grid=(h // 2, w // 2), **options)
+        images += items
+    return images
+
+
+def _chosen(projector, features, scores, keys, stock, method, num_tokens, grid=None, **options) -> list:
+    """Per unit of (n, T, ...) signals: (tokens (T, D), keep (T,)); ``grid`` default square."""
     with torch.no_grad():
         torch.testing.assert_close(projector(features), stock, rtol=1e-5, atol=1e-5)  # the grouping is the model's
     side = int(features.shape[1] ** 0.5)
-    selection = get_method(method).select(VisionSignals(features, scores, keys, (side, side), stock), num_tokens, **options)
+    grid = (side, side) if grid is None else grid
+    selection = get_method(method).select(VisionSignals(features, scores, keys, grid, stock), num_tokens, **options)
     tiles = []
     for index, keep in enumerate(selection.keep):
         tokens = stock[index].clone()

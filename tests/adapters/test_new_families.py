@@ -185,3 +185,10 @@ def test_smolvlm_refuses_tiles_padded_inside():
     vispruner.apply(model, NUM_TOKENS)
     with pytest.raises(NotImplementedError, match="pixel_attention_mask all ones"):
         model.generate(**inputs, max_new_tokens=1)
+
+
+def test_mistral3_refuses_several_feature_layers():
+    model, inputs = CASES["mistral3"].build(), CASES["mistral3"].inputs()
+    vispruner.apply(model, NUM_TOKENS)
+    with pytest.raises(ValueError, match=r"one vision_feature_layer \(an int\); got \[-1, -2\]"):
+        model(**inputs, vision_feature_layer=[-1, -2])

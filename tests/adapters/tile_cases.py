@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from tests import tiny_internvl, tiny_smolvlm
+from tests import tiny_internvl, tiny_mistral3, tiny_smolvlm
 
-from .reference_tiles import internvl_tiles, placeholder_rows, smolvlm_tiles
+from .reference_tiles import internvl_tiles, mistral3_images, placeholder_rows, smolvlm_tiles
 
 
 @dataclass(frozen=True)
@@ -49,4 +49,14 @@ CASES = {
         )
         for family, build in (("smolvlm", tiny_smolvlm.tiny_smolvlm), ("idefics3", tiny_smolvlm.tiny_idefics3))
     },
+    "mistral3": Case(
+        "Mistral 3",
+        tiny_mistral3.tiny_mistral3,
+        lambda: tiny_mistral3.mistral3_inputs(tiny_mistral3.PROMPTS),
+        lambda model, inputs, *args, **options: mistral3_images(
+            model, inputs["pixel_values"], inputs["image_sizes"], *args, **options
+        ),
+        lambda inputs: inputs["image_sizes"].shape[0],
+        per_image=True,
+    ),
 }

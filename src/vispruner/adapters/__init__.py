@@ -27,6 +27,7 @@ FAMILIES = {
     "internvl": "vispruner.adapters.internvl",
     "smolvlm": "vispruner.adapters.smolvlm",
     "idefics3": "vispruner.adapters.smolvlm",
+    "mistral3": "vispruner.adapters.mistral3",
 }
 SUPPORTED = (
     "LLaVA-1.5 (LlavaForConditionalGeneration), LLaVA-NeXT (LlavaNextForConditionalGeneration), "
@@ -36,6 +37,7 @@ SUPPORTED = (
     "LLaVA-OneVision (LlavaOnevisionForConditionalGeneration), Gemma 3 (Gemma3ForConditionalGeneration)"
     ", InternVL 3 / 3.5 (InternVLForConditionalGeneration)"
     ", SmolVLM / Idefics3 (SmolVLMForConditionalGeneration, Idefics3ForConditionalGeneration)"
+    ", Mistral 3 (Mistral3ForConditionalGeneration)"
 )
 
 

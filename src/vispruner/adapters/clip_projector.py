@@ -58,24 +58,33 @@ class ProjectorVision:
 
 
 def feature_attention(
-    model: nn.Module, layers: nn.ModuleList, arguments: dict[str, Any], strategy: str, attribute: str = "self_attn"
+    model: nn.Module,
+    layers: nn.ModuleList,
+    arguments: dict[str, Any],
+    strategy: str | None,
+    attribute: str = "self_attn",
 ) -> nn.Module:
     """The self-attention of the vision layer whose output feeds the projector in a feature call.
 
     ``arguments`` are the call's (``vision_feature_layer`` and ``vision_feature_select_strategy``,
     the config's when not given); ``ValueError`` unless the layer is one int and the strategy is
-    ``strategy`` ("default": [CLS] dropped; "full": towers without [CLS]). ``attribute``: the
-    layer's self-attention module (InternViT calls it ``attention``).
+    ``strategy`` ("default": [CLS] dropped; "full": towers without [CLS]; None: the model has no
+    such setting, Mistral 3). ``attribute``: the layer's self-attention module (InternViT and
+    Pixtral call it ``attention``).
     """
     config = model.config
     layer = arguments.get("vision_feature_layer")
     layer = config.vision_feature_layer if layer is None else layer
-    chosen = arguments.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
-    if not isinstance(layer, int) or chosen != strategy:
-        raise ValueError(
-            f"pruning needs one vision_feature_layer (an int) and vision_feature_select_strategy={strategy!r}; "
-            f"got {layer!r} and {chosen!r}"
-        )
+    if strategy is None:
+        if not isinstance(layer, int):
+            raise ValueError(f"pruning needs one vision_feature_layer (an int); got {layer!r}")
+    else:
+        chosen = arguments.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
+        if not isinstance(layer, int) or chosen != strategy:
+            raise ValueError(
+                f"pruning needs one vision_feature_layer (an int) and vision_feature_select_strategy={strategy!r}; "
+                f"got {layer!r} and {chosen!r}"
+            )
     # hidden_states[h] is the output of encoder layer h - 1 (hidden_states[0] is its input).
     count = len(layers)
     hidden = layer if layer >= 0 else count + 1 + layer

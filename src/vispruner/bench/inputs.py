@@ -52,8 +52,8 @@ def default_image_size(model: "PreTrainedModel") -> tuple[int, int]:
 def image_inputs(
     model: "PreTrainedModel", batch_size: int, image_size: tuple[int, int], seed: int = 0
 ) -> dict[str, "torch.Tensor"]:
-    """``pixel_values`` (and ``image_sizes`` for LLaVA-NeXT, ``image_grid_thw`` for Qwen-VL) for
-    one image per prompt."""
+    """``pixel_values`` (and ``image_sizes`` for LLaVA-NeXT and Mistral 3, ``image_grid_thw`` for
+    Qwen-VL) for one image per prompt."""
     import torch
 
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -69,7 +69,10 @@ def image_inputs(
         }
     side = square_side(model.config.vision_config.image_size)
     if not is_next(model):
-        return {"pixel_values": torch.randn(batch_size, 3, side, side, generator=generator)}
+        pixels = {"pixel_values": torch.randn(batch_size, 3, side, side, generator=generator)}
+        if getattr(model.config, "spatial_merge_size", None) is not None:  # Mistral 3: each image's own size
+            pixels["image_sizes"] = torch.tensor([[side, side]] * batch_size)
+        return pixels
     crops = image_size_to_num_patches(list(image_size), model.config.image_grid_pinpoints, side)
     return {
         "pixel_values": torch.randn(batch_size, crops, 3, side, side, generator=generator),

@@ -241,6 +241,14 @@ def _internvl3_8b() -> "PretrainedConfig":
     )
 
 
+def _mistral_small_3_1() -> "PretrainedConfig":
+    """mistralai/Mistral-Small-3.1-24B-Instruct-2503: a Pixtral tower (24 layers, 14 px patches, up to
+    1540 px), the 2 x 2 patch merger, and the Mistral Small 24B decoder; transformers' defaults."""
+    from transformers import Mistral3Config
+
+    return Mistral3Config(image_token_index=10)
+
+
 _QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
 
 PRESETS: dict[str, Preset] = {
@@ -268,6 +276,7 @@ PRESETS: dict[str, Preset] = {
         Preset("llava-onevision-7b", "llava-hf/llava-onevision-qwen2-7b-ov-hf", _onevision_7b),
         Preset("gemma-3-4b", "google/gemma-3-4b-it", _gemma3_4b),
         Preset("internvl3-8b", "OpenGVLab/InternVL3-8B-hf", _internvl3_8b),
+        Preset("mistral-small-3.1-24b", "mistralai/Mistral-Small-3.1-24B-Instruct-2503", _mistral_small_3_1),
         Preset("tiny-llava", "", lambda: _llava(_TINY_TEXT, _TINY_VISION, image_token_id=511)),
         Preset("tiny-qwen2.5-vl", "", _tiny_qwen2_5_vl),
         Preset(

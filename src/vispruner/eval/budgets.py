@@ -67,6 +67,10 @@ def visual_tokens(model: Any, image_size: int | None = None) -> int:
         if image_size is None:
             raise ValueError(f"image_size must be given for {config.model_type}: its visual tokens follow the image size")
         return (image_size // (vision.patch_size * vision.spatial_merge_size)) ** 2
+    merge = getattr(config, "spatial_merge_size", None)
+    if merge is not None:  # Mistral 3: images at their own size (up to the tower's), 2 x 2 patches a token
+        size = square_side(vision.image_size) if image_size is None else image_size
+        return (size // (square_side(vision.patch_size) * merge)) ** 2
     if hasattr(config, "mm_tokens_per_image"):  # Gemma 3: the patches pooled to this many tokens
         return config.mm_tokens_per_image
     side = square_side(vision.image_size) // square_side(vision.patch_size)
