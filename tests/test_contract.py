@@ -138,6 +138,28 @@ def test_method_through_apply(family, method):
     assert all(e < f for e, f in zip(expected, full))
 
 
+def generate_seeing_prefill(model, inputs):
+    """Greedy ids, and per decoder layer with a 4D mask (softmax attention) the number of tokens each
+    row's last query attends to at the prefill: the row's real tokens, for a left-padded batch."""
+    seen: dict[int, list[int]] = {}
+
+    def record(index):
+        def hook(module, args, kwargs):
+            mask = kwargs.get("attention_mask")
+            if index not in seen and mask is not None and mask.ndim == 4:  # the prefill, softmax layers
+                seen[index] = mask[:, 0, -1].sum(-1).tolist()
+        return hook
+
+    layers = model.get_decoder().layers
+    handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, seen
+
+
 def qwen_kept(prompt: list, num_tokens: int) -> int:
     """Merged tokens kept of one prompt's images and videos, worked out from the budget rules."""
     kept = 0
@@ -162,22 +184,7 @@ def test_method_through_apply_on_qwen(family, method):
     assert_keeping_everything_is_stock(model, inputs, method)
 
     vispruner.apply(model, NUM_TOKENS, method=method)
-    seen: dict[int, list[int]] = {}
-
-    def record(index):
-        def hook(module, args, kwargs):
-            mask = kwargs.get("attention_mask")
-            if index not in seen and mask is not None and mask.ndim == 4:  # the prefill, softmax layers
-                seen[index] = mask[:, 0, -1].sum(-1).tolist()
-        return hook
-
-    layers = model.model.language_model.layers
-    handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _, seen = generate_seeing_prefill(model, inputs)
     visual = (inputs["input_ids"] == QWEN_IMAGE_ID) | (inputs["input_ids"] == QWEN_VIDEO_ID)
     text = (inputs["attention_mask"].bool() & ~visual).sum(dim=1).tolist()
     expected = [count + qwen_kept(prompt, NUM_TOKENS) for count, prompt in zip(text, QWEN_PROMPTS)]
@@ -236,22 +243,8 @@ def test_method_through_apply_new_families(family, method):
     expected = [len(embeds) for embeds, _ in case.rows(model, inputs, "random", NUM_TOKENS)]
     assert_keeping_everything_is_stock(model, inputs, method)
     vispruner.apply(model, NUM_TOKENS, method=method)
-    seen: dict[int, list[int]] = {}
-
-    def record(index):
-        def hook(module, args, kwargs):
-            mask = kwargs.get("attention_mask")
-            if index not in seen and mask is not None and mask.ndim == 4:  # the prefill
-                seen[index] = mask[:, 0, -1].sum(-1).tolist()
-        return hook
-
+    out, seen = generate_seeing_prefill(model, inputs)
     layers = model.get_decoder().layers
-    handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
-    finally:
-        for handle in handles:
-            handle.remove()
     assert out.shape == (inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + STEPS)
     full = inputs["attention_mask"].sum(dim=1).tolist()
     cut = FASTV_LAYER if get_method(method).stage == "llm" else 0

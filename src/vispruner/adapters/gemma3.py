@@ -21,7 +21,7 @@ from .clip_projector import encoder_layers
 from .siglip import PooledTap, changed_rows
 from .vision_stage import Family, Item, Modality
 
-IMAGE = Modality(name="image", encoder="get_image_features", pixels="pixel_values", token_id="image_token_id", stacked=True)
+IMAGE = Modality(name="image", encoder="get_image_features", pixels="pixel_values", token_id="image_token_id")
 
 
 class GemmaVision:

@@ -35,7 +35,6 @@ IMAGE = Modality(
     pixels="pixel_values",
     token_id="image_token_id",
     arguments=("vision_feature_layer", "vision_feature_select_strategy"),
-    stacked=True,
 )
 #: The layer's attention reads the normalised projections (identities without ``use_qk_norm``).
 PROJECTIONS = ("q_norm", "k_norm")

@@ -41,7 +41,6 @@ VIDEO = Modality(
     pixels="pixel_values_videos",
     token_id="video_token_id",
     arguments=("vision_feature_layer", "vision_feature_select_strategy"),
-    stacked=True,
 )
 
 

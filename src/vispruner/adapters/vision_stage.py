@@ -46,6 +46,8 @@ PRUNER = "_vispruner"
 KEEP = "_vispruner_keep"
 #: Attribute of an image's feature tensor: its :class:`ImageSelection`.
 SELECTION = "_vispruner_selection"
+#: Attribute of a feature output whose stock ``pooler_output`` was one (items, P, D) tensor.
+STACKED = "_vispruner_stacked"
 #: Attribute of a KV cache filled by a pruned prefill: its :class:`CompactedPrefix`.
 PREFIX = "_vispruner_prefix"
 
@@ -71,9 +73,11 @@ class Modality:
         pixels: the ``forward`` argument holding its pixels.
         token_id: the config attribute holding its placeholder token id.
         arguments: further ``forward`` arguments the encoder takes, by the same name.
-        stacked: the stock encoder returns ``pooler_output`` as one (items, P, D) tensor (Gemma 3
-            images, LLaVA-OneVision videos) rather than a list of per-item tensors; while patched
-            it returns a list (each item carries its keep mask), and the forward gets a tensor.
+
+    Where the stock encoder returns ``pooler_output`` as one (items, P, D) tensor (Gemma 3 images,
+    LLaVA-OneVision videos, InternVL; SmolVLM up to transformers 5.2x) rather than a list of
+    per-item tensors, the patched encoder returns a list (each item carries its keep mask) and
+    marks the output (:data:`STACKED`), and the forward gets a tensor again.
     """
 
     name: str
@@ -81,7 +85,6 @@ class Modality:
     pixels: str
     token_id: str
     arguments: tuple[str, ...] = ()
-    stacked: bool = False
 
 
 @dataclass(frozen=True)
@@ -358,8 +361,9 @@ class VisionStagePruner:
             for k, i, item in zip(keeps, importants, items)
         ]
         self.last = selections
-        if modality.stacked:
+        if isinstance(output.pooler_output, torch.Tensor):
             output.pooler_output = list(output.pooler_output)
+            setattr(output, STACKED, True)
         packed = self.vision.pack(modality, keeps, arguments)
         features = output.pooler_output if hasattr(output, "pooler_output") else output[1]
         if len(features) != len(packed):
@@ -531,7 +535,7 @@ class VisionStagePruner:
             self.last_tokens = torch.ones(reference.shape, dtype=torch.bool, device=reference.device)
             stock = {}
             for modality in present:
-                if modality.stacked:
+                if getattr(encoded[modality.name], STACKED, False):
                     stock[modality.name] = type(encoded[modality.name])(**encoded[modality.name])
                     stock[modality.name].pooler_output = torch.stack(list(encoded[modality.name].pooler_output))
             if stock:
@@ -564,8 +568,12 @@ class VisionStagePruner:
             masks = all_masks[modality.name]
             kept = type(output)(**output)
             kept.pooler_output = [item[mask.to(item.device)] for item, mask in zip(output.pooler_output, masks)]
-            if modality.stacked:  # the stock forward scatters the rows in order, whatever their grouping
-                kept.pooler_output = torch.cat(kept.pooler_output).unsqueeze(0)
+            if getattr(output, STACKED, False):
+                # One row per item where they keep equally many (SmolVLM before 5.2x splits the
+                # placeholders by that count); else one row, which the others scatter in order.
+                rows = kept.pooler_output
+                same = len({len(row) for row in rows}) == 1
+                kept.pooler_output = torch.stack(rows) if same else torch.cat(rows).unsqueeze(0)
             for name in self.family.item_streams:
                 layers = getattr(output, name, None)
                 if layers is not None:
