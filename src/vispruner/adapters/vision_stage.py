@@ -75,7 +75,7 @@ class Modality:
         arguments: further ``forward`` arguments the encoder takes, by the same name.
 
     Where the stock encoder returns ``pooler_output`` as one (items, P, D) tensor (Gemma 3 images,
-    LLaVA-OneVision videos, InternVL; SmolVLM up to transformers 5.2x) rather than a list of
+    LLaVA-OneVision videos, InternVL; SmolVLM up to transformers 5.20) rather than a list of
     per-item tensors, the patched encoder returns a list (each item carries its keep mask) and
     marks the output (:data:`STACKED`), and the forward gets a tensor again.
     """
@@ -569,7 +569,7 @@ class VisionStagePruner:
             kept = type(output)(**output)
             kept.pooler_output = [item[mask.to(item.device)] for item, mask in zip(output.pooler_output, masks)]
             if getattr(output, STACKED, False):
-                # One row per item where they keep equally many (SmolVLM before 5.2x splits the
+                # One row per item where they keep equally many (SmolVLM up to 5.20 splits the
                 # placeholders by that count); else one row, which the others scatter in order.
                 rows = kept.pooler_output
                 same = len({len(row) for row in rows}) == 1
