@@ -12,12 +12,15 @@ from vispruner.eval.budgets import visual_tokens
 from ..tiny_internvl import TOKENS as INTERNVL_TOKENS
 from ..tiny_internvl import tiny_internvl
 from ..tiny_mistral3 import tiny_mistral3
+from ..tiny_smolvlm import TOKENS as SMOLVLM_TOKENS
+from ..tiny_smolvlm import tiny_idefics3
 
 #: family -> (tiny model builder taking text_layers, visual tokens per tile or image, preset, its tokens).
 CASES = {
     "internvl": (tiny_internvl, INTERNVL_TOKENS, "internvl3-8b", 256),
     # The tiny tower's largest image: 64 px, 8 x 8 merged tokens; the preset's at 1024 px: 36 x 36.
     "mistral3": (tiny_mistral3, 64, "mistral-small-3.1-24b", 36**2),
+    "idefics3": (tiny_idefics3, SMOLVLM_TOKENS, "idefics3-8b", 169),
 }
 
 

@@ -86,5 +86,6 @@ def split_counts(counter, model) -> tuple[int, int]:
     """
     root = type(model).__name__
     counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-    llm = counts.get(f"{root}.model.language_model", 0) + counts.get(f"{root}.lm_head", 0)
+    decoder = next(name for name, module in model.named_modules() if module is model.get_decoder())
+    llm = counts.get(f"{root}.{decoder}", 0) + counts.get(f"{root}.lm_head", 0)
     return llm, counter.get_total_flops() - llm

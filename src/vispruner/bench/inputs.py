@@ -53,7 +53,7 @@ def image_inputs(
     model: "PreTrainedModel", batch_size: int, image_size: tuple[int, int], seed: int = 0
 ) -> dict[str, "torch.Tensor"]:
     """``pixel_values`` (and ``image_sizes`` for LLaVA-NeXT and Mistral 3, ``image_grid_thw`` for
-    Qwen-VL) for one image per prompt."""
+    Qwen-VL, ``pixel_attention_mask`` for Idefics3) for one image per prompt (Idefics3: one tile)."""
     import torch
 
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -72,6 +72,9 @@ def image_inputs(
         pixels = {"pixel_values": torch.randn(batch_size, 3, side, side, generator=generator)}
         if getattr(model.config, "spatial_merge_size", None) is not None:  # Mistral 3: each image's own size
             pixels["image_sizes"] = torch.tensor([[side, side]] * batch_size)
+        if getattr(model.config, "scale_factor", None) is not None:  # Idefics3 / SmolVLM: tiles per prompt
+            pixels["pixel_values"] = pixels["pixel_values"].unsqueeze(1)
+            pixels["pixel_attention_mask"] = torch.ones(batch_size, 1, side, side, dtype=torch.long)
         return pixels
     crops = image_size_to_num_patches(list(image_size), model.config.image_grid_pinpoints, side)
     return {

@@ -241,6 +241,26 @@ def _internvl3_8b() -> "PretrainedConfig":
     )
 
 
+def _idefics3_8b() -> "PretrainedConfig":
+    """HuggingFaceM4/Idefics3-8B-Llama3: SigLIP-so400m at 364 px tiles (26 x 26 patches), pixel-shuffled
+    2 x 2 to 169 tokens a tile, and the Llama 3.1 8B decoder."""
+    from transformers import Idefics3Config
+
+    return Idefics3Config(
+        vision_config=dict(
+            hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=364,
+            patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+        ),
+        text_config=dict(
+            model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+            num_attention_heads=32, num_key_value_heads=8, vocab_size=128259, max_position_embeddings=131072,
+            rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+            bos_token_id=128000, pad_token_id=128002,
+        ),
+        image_token_id=128257, scale_factor=2, tie_word_embeddings=False,
+    )
+
+
 def _mistral_small_3_1() -> "PretrainedConfig":
     """mistralai/Mistral-Small-3.1-24B-Instruct-2503: a Pixtral tower (24 layers, 14 px patches, up to
     1540 px), the 2 x 2 patch merger, and the Mistral Small 24B decoder; transformers' defaults."""
@@ -276,6 +296,7 @@ PRESETS: dict[str, Preset] = {
         Preset("llava-onevision-7b", "llava-hf/llava-onevision-qwen2-7b-ov-hf", _onevision_7b),
         Preset("gemma-3-4b", "google/gemma-3-4b-it", _gemma3_4b),
         Preset("internvl3-8b", "OpenGVLab/InternVL3-8B-hf", _internvl3_8b),
+        Preset("idefics3-8b", "HuggingFaceM4/Idefics3-8B-Llama3", _idefics3_8b),
         Preset("mistral-small-3.1-24b", "mistralai/Mistral-Small-3.1-24B-Instruct-2503", _mistral_small_3_1),
         Preset("tiny-llava", "", lambda: _llava(_TINY_TEXT, _TINY_VISION, image_token_id=511)),
         Preset("tiny-qwen2.5-vl", "", _tiny_qwen2_5_vl),

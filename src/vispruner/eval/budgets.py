@@ -76,6 +76,8 @@ def visual_tokens(model: Any, image_size: int | None = None) -> int:
     side = square_side(vision.image_size) // square_side(vision.patch_size)
     if getattr(config, "downsample_ratio", None) is not None:  # InternVL: pixel shuffle, 2 x 2 patches a token
         return int(side * config.downsample_ratio) ** 2
+    if getattr(config, "scale_factor", None) is not None:  # Idefics3 / SmolVLM: pixel shuffle, per tile
+        return (side // config.scale_factor) ** 2
     patches = side**2
     # "full" keeps CLIP's [CLS] as a token; SigLIP has none.
     full = getattr(config, "vision_feature_select_strategy", "default") == "full"
