@@ -143,6 +143,22 @@ def test_unpadded_batch_that_pruning_leaves_uneven(family):
     assert out[:, prompt_length(inputs) :].tolist() == [greedy(model, embeds, STEPS) for embeds, _ in rows]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_pad_id_equal_to_the_image_id_does_not_pad_the_compacted_batch(family):
+    # Some checkpoints set the text model's pad id to the image placeholder's. The compacted batch
+    # of two unpadded prompts that pruning leaves uneven is padded; placeholder ids there would be
+    # read as image tokens.
+    model, _ = model_and_inputs(family)
+    model.config.text_config.pad_token_id = model.config.image_token_id
+    inputs = inputs_for(model, family, equal_length_texts(model, family))
+    images = reference_images(model, inputs["pixel_values"], inputs.get("image_sizes"), NUM_TOKENS)
+    rows = reference_sequences(model, inputs["input_ids"], inputs["attention_mask"], images)
+    assert inputs["attention_mask"].all() and len({len(embeds) for embeds, _ in rows}) == 2
+    vispruner.apply(model, NUM_TOKENS)
+    out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+    assert out[:, prompt_length(inputs) :].tolist() == [greedy(model, embeds, STEPS) for embeds, _ in rows]
+
+
 def test_a_static_cache_reset_and_reused_by_a_text_only_prompt():
     # As a compiled decoding set-up does: one StaticCache, reset between calls. The text-only
     # prompt after a pruned one must not be read with the old prompt's compacted layout.
