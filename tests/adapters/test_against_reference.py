@@ -17,22 +17,11 @@ from vispruner.methods import available_methods, get_method
 
 from tests.tiny_models import VOCAB, tiny_inputs
 
-from .cases import FAMILIES, equal_length_texts, inputs_for, model_and_inputs, right_padded
+from .cases import FAMILIES, NUM_TOKENS, equal_length_texts, inputs_for, model_and_inputs, prepared, right_padded
 from .reference import continuation_logits, greedy, lm_logits, reference_images, reference_loss, reference_sequences
 
-NUM_TOKENS = 8
 STEPS = 5
 VISION_METHODS = [name for name in available_methods() if get_method(name).stage == "vision"]
-
-
-def prepared(family, attn_implementation="sdpa", budget="per_crop", method="vispruner", **options):
-    model, inputs = model_and_inputs(family, attn_implementation)
-    images = reference_images(
-        model, inputs["pixel_values"], inputs.get("image_sizes"), NUM_TOKENS, method, budget, **options
-    )
-    rows = reference_sequences(model, inputs["input_ids"], inputs["attention_mask"], images)
-    vispruner.apply(model, NUM_TOKENS, method=method, budget=budget, **options)
-    return model, inputs, images, rows
 
 
 def prompt_length(inputs) -> int:
