@@ -1,5 +1,6 @@
 """The batches the adapter tests run: left padding, prompts of different lengths, two images in
-one prompt, and for LLaVA-NeXT three crop grids (1x2 and 2x1 with unpadding, 2x2) in one batch."""
+one prompt, and for LLaVA-NeXT three crop grids (1x2 and 2x1 with unpadding, 2x2) in one batch;
+and :func:`prepared`, such a batch with a patched model and the step-by-step reference's rows."""
 
 from __future__ import annotations
 
