@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import vispruner
 import vispruner.bench
 import vispruner.eval.runner
 import vispruner.testbed.model
-from vispruner.cli import main
+from vispruner.bench.presets import PRESETS
+from vispruner.cli import COMMANDS, build_parser, main
+from vispruner.commands.arguments import METHOD_OPTIONS
 
 
 @pytest.fixture
@@ -136,3 +142,106 @@ def test_python_dash_m_vispruner():
     bad = subprocess.run([sys.executable, "-m", "vispruner", "nope"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2
     assert bad.stderr.startswith("vispruner: argument COMMAND: invalid choice: 'nope'") and bad.stderr.count("\n") == 1
+
+
+class WorkStarted(Exception):
+    """Raised where a command's work would start: every check of its arguments has passed."""
+
+
+@pytest.fixture
+def stop_at_work(monkeypatch):
+    """Commands check everything, then stop where the work starts: loading the testbed (eval,
+    demo), or timing the model (bench, whose preset is built: ``--layers`` is checked there)."""
+
+    def work(*args, **kwargs):
+        raise WorkStarted
+
+    monkeypatch.setattr(vispruner.testbed.model, "load_model", work)
+    monkeypatch.setattr(vispruner.bench, "load_model", work)
+    monkeypatch.setattr(vispruner.bench, "run_bench", work)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # bench --threads sets it for the process
+
+
+BENCH = ["bench", "--preset", "tiny-llava", "--device", "cpu"]
+TINY_LLAVA_LAYERS = PRESETS["tiny-llava"].config().text_config.num_hidden_layers
+ABOVE_1 = repr(math.nextafter(1.0, 2.0))  # the next float after 1
+BELOW_0 = repr(math.nextafter(0.0, -1.0))  # the next float before 0
+ABOVE_100_PERCENT = repr(math.nextafter(100.0, 200.0)) + "%"
+#: Every option with a range: (the command line before it, option, values at the ends of the range,
+#: values one step beyond them). Integers >= 1 have no highest value; a share's lowest is open.
+RANGES = [
+    (["eval"], "--n", ["1"], ["0"]),
+    (["eval"], "--batch-size", ["1"], ["0"]),
+    (["eval"], "--max-new-tokens", ["1"], ["0"]),
+    (["eval"], "--tokens", ["1", "64", "100%"], ["0", "65", "0%", ABOVE_100_PERCENT]),
+    (["eval", "--methods", "vispruner"], "--important-ratio", ["0", "1"], [BELOW_0, ABOVE_1]),
+    (["eval", "--methods", "visionzip"], "--contextual-ratio", ["0", "1"], [BELOW_0, ABOVE_1]),
+    (["demo"], "--tokens", ["1", "64", "100%"], ["0", "65", "0%", ABOVE_100_PERCENT]),
+    (["demo"], "--important-ratio", ["0", "1"], [BELOW_0, ABOVE_1]),
+    (["demo", "--method", "visionzip"], "--contextual-ratio", ["0", "1"], [BELOW_0, ABOVE_1]),
+    (BENCH, "--tokens", ["1"], ["0"]),
+    (BENCH, "--threads", ["1"], ["0"]),
+    (BENCH, "--batch-size", ["1"], ["0"]),
+    (BENCH, "--text-tokens", ["1"], ["0"]),
+    (BENCH, "--new-tokens", ["2"], ["1"]),
+    (BENCH, "--repeats", ["1"], ["0"]),
+    (BENCH, "--warmup", ["0"], ["-1"]),
+    (BENCH, "--layers", ["1", str(TINY_LLAVA_LAYERS)], ["0", str(TINY_LLAVA_LAYERS + 1)]),
+    (BENCH + ["--methods", "vispruner"], "--important-ratio", ["0", "1"], [BELOW_0, ABOVE_1]),
+    (BENCH + ["--methods", "visionzip"], "--contextual-ratio", ["0", "1"], [BELOW_0, ABOVE_1]),
+]
+
+
+def _cases(pick: int) -> list:
+    return [
+        pytest.param(before, option, value, id=f"{before[0]} {option} {value}")
+        for before, option, *ends in RANGES
+        for value in ends[pick]
+    ]
+
+
+def test_the_range_table_covers_every_ranged_option():
+    assert ABOVE_1 != "1" and float(ABOVE_1) > 1 and float(BELOW_0) < 0 and float(ABOVE_100_PERCENT[:-1]) / 100 > 1
+    ranged = {(before[0], option) for before, option, *_ in RANGES}
+    # Every option whose type reads a bounded integer, and every method option, for each command.
+    for command in ("eval", "demo", "bench"):
+        parser = argparse.ArgumentParser()
+        importlib.import_module(COMMANDS[command][0]).add_arguments(parser)
+        for action in parser._actions:
+            bounded = getattr(action.type, "__qualname__", "").startswith("integer_at_least")
+            if bounded or action.dest in METHOD_OPTIONS or action.dest == "tokens":
+                assert (command, action.option_strings[0]) in ranged, (command, action.option_strings)
+
+
+@pytest.mark.parametrize(("before", "option", "value"), _cases(0))
+def test_the_ends_of_each_range_pass_every_check(before, option, value, capsys, stop_at_work):
+    with pytest.raises(WorkStarted):
+        main([*before, f"{option}={value}"])
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(("before", "option", "value"), _cases(1))
+def test_one_step_beyond_a_range_is_one_line_and_exit_2(before, option, value, capsys, stop_at_work):
+    line = usage_error([*before, f"{option}={value}"], capsys)
+    assert line.startswith(f"vispruner {before[0]}: ")
+    assert option in line or option[2:].replace("-", "_") in line, line
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["eval", "--methods", "vispruner,random, vispruner"], ("vispruner", "random")),
+        (["bench", "--preset", "tiny-llava", "--methods", "vispruner,vispruner"], ("vispruner",)),
+    ],
+)
+def test_a_method_named_twice_runs_once(argv, expected):
+    assert len(argv[-1].split(",")) > len(expected)  # the command line names a method twice
+    dest = argv[-2].lstrip("-")
+    assert getattr(build_parser().parse_args(argv), dest) == expected
+
+
+def test_demo_takes_one_method_named_twice_as_one():
+    assert build_parser().parse_args(["demo", "--method", "fastv,fastv"]).method == "fastv"

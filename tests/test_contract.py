@@ -17,15 +17,13 @@ import functools
 
 import pytest
 import torch
-from transformers import LlavaNextForConditionalGeneration
 
 import vispruner
 from vispruner.methods import available_methods, get_method
 
-from .adapters import siglip_cases, tile_cases
-from .adapters.cases import BUILDERS, FAMILIES, SIZES, TEXTS
-from .adapters.reference import _crops, _layout
-from .tiny_models import tiny_inputs, tiny_onevision
+from .adapters import cases, siglip_cases, tile_cases
+from .adapters.cases import FAMILIES
+from .adapters.reference import image_layouts
 from .tiny_qwen import BUILDERS as QWEN_BUILDERS
 from .tiny_qwen import IMAGE_ID as QWEN_IMAGE_ID
 from .tiny_qwen import MIXED_PROMPTS as QWEN_PROMPTS
@@ -37,11 +35,7 @@ STEPS = 3
 #: Four decoder layers, so that FastV's default cut (before layer 2) has layers on both sides.
 TEXT_LAYERS = 4
 FASTV_LAYER = 2
-
-
-def model_and_inputs(family: str):
-    model = BUILDERS[family](text_layers=TEXT_LAYERS)
-    return model, tiny_inputs(model, TEXTS, image_sizes=SIZES[family])
+model_and_inputs = functools.partial(cases.model_and_inputs, text_layers=TEXT_LAYERS)
 
 
 def generate(model, inputs):
@@ -57,18 +51,6 @@ def assert_keeping_everything_is_stock(model, inputs, method):
     assert torch.equal(everything.sequences, stock.sequences)
     for mine, theirs in zip(everything.logits, stock.logits, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
-
-
-def image_layouts(model, inputs) -> list[list[tuple[int, int] | None]]:
-    """Per image, (crop, patch) of each of its placeholder tokens, None for a newline."""
-    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    layouts = []
-    for index, crops in enumerate(_crops(model, inputs["pixel_values"], inputs.get("image_sizes"))):
-        if isinstance(model, LlavaNextForConditionalGeneration):
-            layouts.append(_layout(model, len(crops), inputs["image_sizes"][index].tolist()))
-        else:
-            layouts.append([(0, p) for p in range(side * side)])
-    return layouts
 
 
 def rows_of_images(model, inputs) -> list[list[int]]:
@@ -197,11 +179,7 @@ def test_method_through_apply_on_qwen(family, method):
     assert kinds == ["image", "video", "video"]
 
 
-SIGLIP_CASES = {
-    "gemma3": siglip_cases.gemma_case,
-    "onevision": siglip_cases.onevision_case,
-    "onevision_video": lambda: (tiny_onevision(), siglip_cases.video_inputs()),
-}
+SIGLIP_CASES = {name: siglip_cases.CASES[name] for name in ("gemma3", "onevision", "onevision_video")}
 
 
 @functools.cache

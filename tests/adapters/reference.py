@@ -90,6 +90,19 @@ def _layout(model, crops: int, image_size) -> list[tuple[int, int] | None]:
     return tokens
 
 
+def image_layouts(model, inputs) -> list[list[tuple[int, int] | None]]:
+    """Per image of ``inputs``, (crop, patch) of each of its placeholder tokens in prompt order,
+    None for a newline."""
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    layouts = []
+    for index, crops in enumerate(_crops(model, inputs["pixel_values"], inputs.get("image_sizes"))):
+        if isinstance(model, LlavaNextForConditionalGeneration):
+            layouts.append(_layout(model, len(crops), inputs["image_sizes"][index].tolist()))
+        else:
+            layouts.append([(0, p) for p in range(side * side)])
+    return layouts
+
+
 def reference_images(
     model,
     pixel_values: torch.Tensor,

@@ -10,10 +10,9 @@ patch kept (what the stock model feeds its language model).
 from __future__ import annotations
 
 import torch
-from transformers import LlavaNextForConditionalGeneration
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .reference import _crops, _layout, reference_images, reference_sequences
+from .reference import _crops, image_layouts, reference_images, reference_sequences
 
 
 def prompt_rows(model, inputs, budget: str = "per_crop") -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -23,14 +22,8 @@ def prompt_rows(model, inputs, budget: str = "per_crop") -> list[tuple[torch.Ten
     pixel_values, sizes = inputs["pixel_values"], inputs.get("image_sizes")
     images = reference_images(model, pixel_values, sizes, num_tokens=10**6, method="random")
     rows = reference_sequences(model, inputs["input_ids"], inputs["attention_mask"], images)
-    patches = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    layouts, owners, crop_base = [], [], 0
-    for index, crops in enumerate(_crops(model, pixel_values, sizes)):
-        if isinstance(model, LlavaNextForConditionalGeneration):
-            layout = _layout(model, len(crops), sizes[index].tolist())
-        else:
-            layout = [(0, p) for p in range(patches * patches)]
-        layouts.append(layout)
+    owners, crop_base = [], 0
+    for index, (crops, layout) in enumerate(zip(_crops(model, pixel_values, sizes), image_layouts(model, inputs), strict=True)):
         owners.append([-1 if item is None else (index if budget == "per_image" else crop_base + item[0]) for item in layout])
         crop_base += len(crops)
     queue = iter(owners)

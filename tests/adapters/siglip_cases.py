@@ -86,3 +86,18 @@ def mixed_case():
     inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(run)], dim=1)
     inputs["pixel_values_videos"] = video["pixel_values_videos"]
     return model, inputs
+
+
+def video_case():
+    """LLaVA-OneVision and a batch of two videos (:func:`video_inputs`)."""
+    return tiny_onevision(), video_inputs()
+
+
+#: Every SigLIP case by name: () -> (model, inputs).
+CASES = {
+    "gemma3": gemma_case,
+    "onevision": onevision_case,
+    "onevision_downsampled": lambda: onevision_case(((30, 100), (110, 100)), ["w1 w2 <image> w3", "<image> w4 w5 w6 w7"]),
+    "onevision_video": video_case,
+    "onevision_mixed": mixed_case,
+}

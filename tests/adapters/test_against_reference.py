@@ -17,22 +17,11 @@ from vispruner.methods import available_methods, get_method
 
 from tests.tiny_models import VOCAB, tiny_inputs
 
-from .cases import FAMILIES, equal_length_texts, inputs_for, model_and_inputs, right_padded
+from .cases import FAMILIES, NUM_TOKENS, equal_length_texts, inputs_for, model_and_inputs, prepared, right_padded
 from .reference import continuation_logits, greedy, lm_logits, reference_images, reference_loss, reference_sequences
 
-NUM_TOKENS = 8
 STEPS = 5
 VISION_METHODS = [name for name in available_methods() if get_method(name).stage == "vision"]
-
-
-def prepared(family, attn_implementation="sdpa", budget="per_crop", method="vispruner", **options):
-    model, inputs = model_and_inputs(family, attn_implementation)
-    images = reference_images(
-        model, inputs["pixel_values"], inputs.get("image_sizes"), NUM_TOKENS, method, budget, **options
-    )
-    rows = reference_sequences(model, inputs["input_ids"], inputs["attention_mask"], images)
-    vispruner.apply(model, NUM_TOKENS, method=method, budget=budget, **options)
-    return model, inputs, images, rows
 
 
 def prompt_length(inputs) -> int:
@@ -138,6 +127,22 @@ def test_unpadded_batch_that_pruning_leaves_uneven(family):
     inputs = inputs_for(model, family, equal_length_texts(model, family))
     images = reference_images(model, inputs["pixel_values"], inputs.get("image_sizes"), NUM_TOKENS)
     rows = reference_sequences(model, inputs["input_ids"], inputs["attention_mask"], images)
+    vispruner.apply(model, NUM_TOKENS)
+    out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+    assert out[:, prompt_length(inputs) :].tolist() == [greedy(model, embeds, STEPS) for embeds, _ in rows]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_pad_id_equal_to_the_image_id_does_not_pad_the_compacted_batch(family):
+    # Some checkpoints set the text model's pad id to the image placeholder's. The compacted batch
+    # of two unpadded prompts that pruning leaves uneven is padded; placeholder ids there would be
+    # read as image tokens.
+    model, _ = model_and_inputs(family)
+    model.config.text_config.pad_token_id = model.config.image_token_id
+    inputs = inputs_for(model, family, equal_length_texts(model, family))
+    images = reference_images(model, inputs["pixel_values"], inputs.get("image_sizes"), NUM_TOKENS)
+    rows = reference_sequences(model, inputs["input_ids"], inputs["attention_mask"], images)
+    assert inputs["attention_mask"].all() and len({len(embeds) for embeds, _ in rows}) == 2
     vispruner.apply(model, NUM_TOKENS)
     out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
     assert out[:, prompt_length(inputs) :].tolist() == [greedy(model, embeds, STEPS) for embeds, _ in rows]

@@ -7,24 +7,21 @@ lengths and two images in one prompt.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import vispruner
 
-from .cases import BUILDERS, FAMILIES, SIZES, TEXTS, equal_length_texts, inputs_for, right_padded
+from . import cases
+from .cases import FAMILIES, equal_length_texts, inputs_for, right_padded
 from .reference_fastv import fastv_greedy, fastv_logits, prompt_rows
-from tests.tiny_models import tiny_inputs
 
 NUM_TOKENS = 6
 STEPS = 4
 LAYERS = 4
-
-
-def model_and_inputs(family: str, attn_implementation: str = "sdpa", texts: list[str] = TEXTS):
-    model = BUILDERS[family](attn_implementation=attn_implementation, text_layers=LAYERS)
-    sizes = SIZES[family] if texts is TEXTS or SIZES[family] is None else SIZES[family][: len(texts)]
-    return model, tiny_inputs(model, texts, image_sizes=sizes)
+model_and_inputs = functools.partial(cases.model_and_inputs, text_layers=LAYERS)
 
 
 def new_tokens(output, inputs) -> list[list[int]]:

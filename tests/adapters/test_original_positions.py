@@ -13,21 +13,18 @@ import torch
 
 import vispruner
 
-from .cases import FAMILIES, model_and_inputs
-from .reference import continuation_logits, greedy, reference_images, reference_positions, reference_sequences
+from .cases import FAMILIES, NUM_TOKENS, TEXTS, model_and_inputs, prepared
+from .reference import continuation_logits, greedy, reference_positions
 
-NUM_TOKENS = 8
 STEPS = 4
 
 
-def prepared(family, texts=None):
-    model, inputs = model_and_inputs(family) if texts is None else model_and_inputs(family, texts=texts)
-    images = reference_images(model, inputs["pixel_values"], inputs.get("image_sizes"), NUM_TOKENS)
-    rows = reference_sequences(model, inputs["input_ids"], inputs["attention_mask"], images)
+def original_positions_case(family, texts=TEXTS):
+    """The model patched with ``positions="original"``, its inputs, and per row the reference's
+    embeddings, the kept tokens' unpruned positions and the position decoding continues from."""
+    model, inputs, images, rows = prepared(family, texts=texts, positions="original")
     positions = reference_positions(model, inputs["input_ids"], inputs["attention_mask"], images)
-    references = [(embeds, kept, after) for (embeds, _), (kept, after) in zip(rows, positions)]
-    vispruner.apply(model, NUM_TOKENS, positions="original")
-    return model, inputs, references
+    return model, inputs, [(embeds, kept, after) for (embeds, _), (kept, after) in zip(rows, positions)]
 
 
 def generated(out, inputs) -> torch.Tensor:
@@ -41,7 +38,7 @@ def generated(out, inputs) -> torch.Tensor:
     ids=["dynamic-cache", "static-cache", "no-cache"],
 )
 def test_generate_logits_match_reference_with_original_positions(family, generate_options):
-    model, inputs, references = prepared(family)
+    model, inputs, references = original_positions_case(family)
     seen = []
 
     def record(module, args, kwargs):
@@ -70,7 +67,7 @@ def test_generate_logits_match_reference_with_original_positions(family, generat
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_beam_search_scores_match_reference(family):
-    model, inputs, references = prepared(family)
+    model, inputs, references = original_positions_case(family)
     out = model.generate(
         **inputs, max_new_tokens=STEPS, num_beams=3, num_return_sequences=2, length_penalty=0.0,
         do_sample=False, return_dict_in_generate=True, output_scores=True,
@@ -85,7 +82,7 @@ def test_beam_search_scores_match_reference(family):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("with_positions", [False, True], ids=["no-position-ids", "position-ids"])
 def test_hand_written_decode_loop(family, with_positions):
-    model, inputs, references = prepared(family)
+    model, inputs, references = original_positions_case(family)
     mask = inputs["attention_mask"]
     # The caller numbers the full-length sequence, as for an unpruned model (or lets it count).
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0) if with_positions else None
@@ -107,7 +104,7 @@ def test_hand_written_decode_loop(family, with_positions):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_single_unpadded_prompt_gets_a_mask_for_its_gaps(family):
     # generate drops the all-ones mask; gapped positions without one would read as packed sequences.
-    model, inputs, ((embeds, kept, after),) = prepared(family, texts=["w3 <image> w4 w5"])
+    model, inputs, ((embeds, kept, after),) = original_positions_case(family, texts=["w3 <image> w4 w5"])
     out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True, output_logits=True)
     tokens = generated(out, inputs)[0].tolist()
     assert tokens == greedy(model, embeds, STEPS, kept, after)

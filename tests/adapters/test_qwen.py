@@ -195,6 +195,28 @@ def test_forward_with_labels_and_a_hand_written_decode_loop(family):
         torch.testing.assert_close(step.logits[row, -1], expected[1], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_hand_written_decode_loop_without_a_mask(family):
+    # generate() always passes a mask; a user's own loop over one unpadded prompt may pass none, so
+    # the step's text positions come from the cache length and the tokens pruned from the prompt.
+    model, inputs, _, (row,) = prepared(family, prompts=[["w1", ("image", 4, 4), "w2", "w3"]])
+    assert inputs["attention_mask"].all()
+    prompt = {name: value for name, value in inputs.items() if name != "attention_mask"}
+    with torch.no_grad():
+        out = model(**prompt, use_cache=True)
+        cache, tokens, logits = out.past_key_values, [int(out.logits[0, -1].argmax())], [out.logits[0, -1]]
+        # The inputs reach the branch without a mask: pruning shortened the cached prompt, and the
+        # prefill left rope_deltas for the steps to continue from.
+        assert len(row.embeds) < prompt_length(inputs) and model.model.rope_deltas is not None
+        for _ in range(2):
+            step = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache)
+            cache = step.past_key_values
+            logits.append(step.logits[0, -1])
+            tokens.append(int(step.logits[0, -1].argmax()))
+    expected = continuation_logits(model, row, tokens)
+    torch.testing.assert_close(torch.stack(logits), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_keep_ratio_share_of_each_image():
     model = BUILDERS["qwen2_5_vl"]()
     inputs = family_inputs("qwen2_5_vl", IMAGES)

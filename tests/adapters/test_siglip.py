@@ -10,16 +10,8 @@ import vispruner
 from vispruner.adapters.siglip import ReceivedAttentionCapture
 
 from . import reference_siglip as ref
-from .siglip_cases import STEPS, gemma_case, language_inputs, mixed_case, onevision_case, reference_rows, video_inputs
-from ..tiny_models import tiny_gemma3, tiny_onevision
-
-CASES = {
-    "gemma3": gemma_case,
-    "onevision": onevision_case,
-    "onevision_downsampled": lambda: onevision_case(((30, 100), (110, 100)), ["w1 w2 <image> w3", "<image> w4 w5 w6 w7"]),
-    "onevision_video": lambda: (tiny_onevision(), video_inputs()),
-    "onevision_mixed": mixed_case,
-}
+from .siglip_cases import CASES, STEPS, gemma_case, language_inputs, onevision_case, reference_rows, video_case
+from ..tiny_models import tiny_gemma3
 
 
 #: Each signal a method reads, on each case: attention (vispruner), keys and merging (visionzip),
@@ -65,7 +57,7 @@ def test_received_attention_matches_eager(attn_implementation):
 
 def test_keep_ratio_and_remove():
     """keep_ratio is a share of each piece (a frame here); remove restores the stock model exactly."""
-    model, inputs = tiny_onevision(), video_inputs()
+    model, inputs = video_case()
     stock = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
     vispruner.apply(model, keep_ratio=0.25, method="random")
     model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)

@@ -65,6 +65,40 @@ def test_loglikelihood_is_the_continuation_log_probability_and_greedy_flag(testb
             assert greedy == (int(logits.argmax()) == token)
 
 
+def test_loglikelihood_of_several_tokens_is_greedy_only_if_every_token_is(testbed):
+    """Two-word continuations whose first word is the greedy one and whose second is greedy or
+    not: the flag must hold for every token, not for any of them."""
+    model, processor, samples = testbed
+    tokenizer = processor.tokenizer
+    items, expected = [], []
+    for sample in samples[:3]:
+        visuals = Visuals(images=[sample.scene.render()])
+        inputs = encode(processor, visuals.images, [sample.question.text])
+        with torch.inference_mode():
+            first = int(model(**inputs).logits[0, -1].argmax())
+            after_first = torch.cat([inputs["input_ids"], torch.tensor([[first]])], 1)
+            mask = torch.ones_like(after_first)
+            second = int(model(**{**inputs, "input_ids": after_first, "attention_mask": mask}).logits[0, -1].argmax())
+        for other in dict.fromkeys([second, *tokenizer.convert_tokens_to_ids(["red", "two", "yes"])]):
+            tokens = [first, other]
+            continuation = " " + " ".join(tokenizer.convert_ids_to_tokens(tokens))
+            assert tokenizer(continuation, add_special_tokens=False).input_ids == tokens  # really two tokens
+            items.append((sample.question.text, continuation, visuals))
+            # reference: the eval path's prompt plus both tokens, one row, one forward
+            ids = torch.cat([inputs["input_ids"], torch.tensor([tokens])], 1)
+            with torch.inference_mode():
+                logits = model(**{**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids)}).logits[0, -3:-1]
+            scores = torch.log_softmax(logits.float(), -1)
+            expected.append((scores[[0, 1], tokens].sum().item(), scores.argmax(-1).tolist() == tokens))
+    # The inputs reach the case that tells "every token" from "any token": a greedy first token
+    # followed by a token that is not greedy, and also continuations greedy throughout.
+    assert any(not greedy for _, greedy in expected) and any(greedy for _, greedy in expected)
+    got = loglikelihoods(model, processor, items)
+    assert [greedy for _, greedy in got] == [greedy for _, greedy in expected]
+    for (score, _), (reference, _) in zip(got, expected):
+        assert score == pytest.approx(reference, abs=1e-4)
+
+
 def test_stop_sequences_cut_the_reply_and_stop_each_row():
     assert cut("red circle . blue", (".", "blue")) == "red circle "
     assert cut("red", ("\n",)) == "red"
@@ -72,6 +106,19 @@ def test_stop_sequences_cut_the_reply_and_stop_each_row():
     ids = processor.tokenizer(["red circle", "blue square"], add_special_tokens=False, return_tensors="pt").input_ids
     stop = StopSequences(processor.tokenizer, ("square",), start=0)
     assert stop(ids, None).tolist() == [False, True]
+
+
+def test_stop_sequences_look_at_the_reply_only():
+    # What generate() does: the reply starts after the prompt's columns, and a stop sequence in
+    # the prompt does not count.
+    _, processor = load_testbed()
+    tokenizer = processor.tokenizer
+    ids = tokenizer(["red circle blue square", "blue square red circle"], add_special_tokens=False, return_tensors="pt").input_ids
+    start = 2
+    prompts = tokenizer.batch_decode(ids[:, :start])
+    replies = tokenizer.batch_decode(ids[:, start:])
+    assert start > 0 and "red" in prompts[0] and "red" not in replies[0] and "red" in replies[1]
+    assert StopSequences(tokenizer, ("red",), start=start)(ids, None).tolist() == [False, True]
 
 
 def test_generation_settings_from_a_task():
@@ -82,6 +129,15 @@ def test_generation_settings_from_a_task():
     assert sampled["do_sample"] and sampled["temperature"] == 0.7 and sampled["top_p"] == 0.9
     with pytest.raises(ValueError, match="until must be a string or a list of strings"):
         Generation.from_task({"until": [1]}, "</s>")
+
+
+def test_do_sample_false_is_greedy_whatever_the_temperature():
+    task = {"temperature": 0.7, "top_p": 0.9, "do_sample": False}
+    assert task["temperature"] > 0 and task["do_sample"] is False  # the task sets both
+    greedy = Generation.from_task(task, "</s>").generate_kwargs()
+    assert greedy["do_sample"] is False and "temperature" not in greedy and "top_p" not in greedy
+    sampled = Generation.from_task({**task, "do_sample": True}, "</s>").generate_kwargs()
+    assert sampled["do_sample"] and sampled["temperature"] == 0.7
 
 
 def test_a_model_without_video_refuses_video(testbed):

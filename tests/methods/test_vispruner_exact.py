@@ -25,7 +25,8 @@ def golden_cases(data_dir):
         ]
 
 
-def test_golden_file_has_the_documented_cases(data_dir):
+def test_data_file_only_golden_file_has_the_documented_cases(data_dir):
+    """Checks the data file, not the library: the golden file holds the 11 documented cases."""
     cases = golden_cases(data_dir)
     assert len(cases) == 11
     assert {c["features"] for c, *_ in cases} == {"random", "near_duplicates"}
@@ -38,8 +39,9 @@ def test_every_golden_mask_is_reproduced(data_dir):
         assert torch.equal(keep, expected.bool()), f"golden case {case}"
 
 
-def test_reference_loop_reproduces_golden_too(data_dir):
-    # The reference is only a good yardstick if it is itself the published method.
+def test_oracle_only_reference_loop_reproduces_golden_too(data_dir):
+    """Checks the test oracle, not the library: the reference loop the other tests compare with
+    reproduces the authors' golden masks (it is only a good yardstick if it is the published method)."""
     for case, features, attention, expected in golden_cases(data_dir):
         for b in range(features.shape[0]):
             keep = reference_keep(features[b], attention[b], case["visual_token_num"], case["important_ratio"])
