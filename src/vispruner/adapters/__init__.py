@@ -24,6 +24,7 @@ FAMILIES = {
     "qwen3_5": "vispruner.adapters.qwen3_5",
     "llava_onevision": "vispruner.adapters.llava_onevision",
     "gemma3": "vispruner.adapters.gemma3",
+    "qwen3_5_moe": "vispruner.adapters.qwen3_5_moe",
 }
 SUPPORTED = (
     "LLaVA-1.5 (LlavaForConditionalGeneration), LLaVA-NeXT (LlavaNextForConditionalGeneration), "
@@ -31,6 +32,7 @@ SUPPORTED = (
     "Qwen3-VL (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration), "
     "Qwen3.5 (Qwen3_5ForConditionalGeneration), "
     "LLaVA-OneVision (LlavaOnevisionForConditionalGeneration), Gemma 3 (Gemma3ForConditionalGeneration)"
+    ", Qwen3.5-MoE (Qwen3_5MoeForConditionalGeneration)"
 )
 
 

@@ -1,0 +1,56 @@
+"""Qwen3.5-MoE through the Qwen-VL matrix (tests/adapters/test_qwen.py runs it on every family at
+the default method; here every vision method, cache, budget, and remove()).
+
+Its routed experts see each token on its own, so a pruned prompt routes every kept token as the
+hand-fed reference does; its linear-attention layers refuse FastV.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vispruner
+
+from ..tiny_qwen import BUILDERS, MIXED_PROMPTS, family_inputs
+from . import test_qwen as qwen
+
+FAMILY = "qwen3_5_moe"
+
+
+@pytest.mark.parametrize("method", qwen.VISION_METHODS)
+def test_language_model_receives_text_and_kept_tokens(method):
+    qwen.test_language_model_receives_text_and_kept_tokens(FAMILY, method)
+
+
+@pytest.mark.parametrize(
+    ("attn_implementation", "options"),
+    [("eager", {}), ("sdpa", {"cache_implementation": "static"}), ("sdpa", {"use_cache": False})],
+    ids=["eager", "static-cache", "no-cache"],
+)
+def test_greedy_tokens_match_reference(attn_implementation, options):
+    qwen.test_greedy_tokens_match_reference(FAMILY, attn_implementation, options)
+
+
+def test_a_whole_video_shares_one_budget():
+    qwen.test_video_and_images_mixed(FAMILY, per_video=True)
+
+
+def test_fastv_is_refused_for_the_linear_attention_layers():
+    with pytest.raises(TypeError, match="softmax attention in every decoder layer.*linear_attention"):
+        vispruner.apply(BUILDERS[FAMILY](text_layers=4), 4, method="fastv")
+
+
+def test_remove_restores_the_stock_model():
+    model = BUILDERS[FAMILY]()
+    inputs = family_inputs(FAMILY, MIXED_PROMPTS)
+    stock = model.generate(**inputs, max_new_tokens=qwen.STEPS, do_sample=False)
+    def state():  # which instance attributes exist (rope_deltas changes value with each prompt)
+        return [set(vars(owner)) for owner in (model, model.model)]
+
+    before = state()
+    vispruner.apply(model, 2)
+    assert model.generate(**inputs, max_new_tokens=qwen.STEPS, do_sample=False).shape == stock.shape
+    vispruner.remove(model)
+    assert state() == before
+    assert torch.equal(model.generate(**inputs, max_new_tokens=qwen.STEPS, do_sample=False), stock)
