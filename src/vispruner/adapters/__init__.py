@@ -25,6 +25,7 @@ FAMILIES = {
     "llava_onevision": "vispruner.adapters.llava_onevision",
     "gemma3": "vispruner.adapters.gemma3",
     "qwen3_5_moe": "vispruner.adapters.qwen3_5_moe",
+    "glm4v": "vispruner.adapters.glm4v",
 }
 SUPPORTED = (
     "LLaVA-1.5 (LlavaForConditionalGeneration), LLaVA-NeXT (LlavaNextForConditionalGeneration), "
@@ -32,7 +33,7 @@ SUPPORTED = (
     "Qwen3-VL (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration), "
     "Qwen3.5 (Qwen3_5ForConditionalGeneration), "
     "LLaVA-OneVision (LlavaOnevisionForConditionalGeneration), Gemma 3 (Gemma3ForConditionalGeneration)"
-    ", Qwen3.5-MoE (Qwen3_5MoeForConditionalGeneration)"
+    ", Qwen3.5-MoE (Qwen3_5MoeForConditionalGeneration), GLM-4.1V (Glm4vForConditionalGeneration)"
 )
 
 

@@ -87,8 +87,10 @@ class LanguageStagePruner:
         #: Per modality, the items of its last feature call, and that call's arguments.
         self._items: dict[str, list[Item]] = {}
         self._encoder_arguments: dict[str, dict[str, Any]] = {}
-        #: input_ids of the prefill under way; per modality present, its items in reading order.
+        #: input_ids (and mm_token_type_ids, if given) of the prefill under way; per modality
+        #: present, its items in reading order.
         self._prompt_ids: torch.Tensor | None = None
+        self._prompt_types: torch.Tensor | None = None
         self._placed_now: dict[str, list[_Placed]] = {}
         #: Token budget of each group id of the prefill under way.
         self._budgets: dict[int, int] = {}
@@ -144,11 +146,12 @@ class LanguageStagePruner:
                 # Grouped inside the language model's call: the image features (and with them the
                 # crops of each image) are computed after this point when pixel_values are given.
                 self._prompt_ids = arguments["input_ids"]
+                self._prompt_types = arguments.get("mm_token_type_ids")
         labels = arguments.pop("labels", None)
         try:
             output = original(**arguments)
         finally:
-            self._prompt_ids = None
+            self._prompt_ids = self._prompt_types = None
         if labels is not None:
             if self.last_tokens is not None:
                 labels = compact(self.last_tokens.to(labels.device), labels=labels).labels
@@ -165,7 +168,7 @@ class LanguageStagePruner:
         self._budgets = {}
         settings = self.settings
         for modality in self.family.modalities:
-            is_item = input_ids == getattr(self.model.config, modality.token_id)
+            is_item = modality.placeholders(self.model.config, input_ids, self._prompt_types)
             if modality.name not in self._items or not bool(is_item.any()):
                 continue
             placed = self._placements(modality, is_item)
@@ -355,7 +358,7 @@ class LanguageStagePruner:
             placed = self._placed_now.get(modality.name)
             if placed is None:
                 continue
-            is_item = self._prompt_ids == getattr(self.model.config, modality.token_id)
+            is_item = modality.placeholders(self.model.config, self._prompt_ids, self._prompt_types)
             kept = keep.to(is_item.device)[is_item].split([len(entry.sources) for entry in placed])
             for entry, flags in zip(placed, kept):
                 if not entry.first_copy:
