@@ -26,6 +26,7 @@ FAMILIES = {
     "gemma3": "vispruner.adapters.gemma3",
     "qwen3_5_moe": "vispruner.adapters.qwen3_5_moe",
     "glm4v": "vispruner.adapters.glm4v",
+    "glm4v_moe": "vispruner.adapters.glm4v_moe",
 }
 SUPPORTED = (
     "LLaVA-1.5 (LlavaForConditionalGeneration), LLaVA-NeXT (LlavaNextForConditionalGeneration), "
@@ -33,7 +34,8 @@ SUPPORTED = (
     "Qwen3-VL (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration), "
     "Qwen3.5 (Qwen3_5ForConditionalGeneration), "
     "LLaVA-OneVision (LlavaOnevisionForConditionalGeneration), Gemma 3 (Gemma3ForConditionalGeneration)"
-    ", Qwen3.5-MoE (Qwen3_5MoeForConditionalGeneration), GLM-4.1V (Glm4vForConditionalGeneration)"
+    ", Qwen3.5-MoE (Qwen3_5MoeForConditionalGeneration), GLM-4.1V (Glm4vForConditionalGeneration), "
+    "GLM-4.5V (Glm4vMoeForConditionalGeneration)"
 )
 
 
