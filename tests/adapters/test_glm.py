@@ -236,3 +236,14 @@ def test_remove_restores_the_stock_model(family):
     vispruner.remove(model)
     assert [set(vars(owner)) for owner in (model, model.model)] == before
     assert torch.equal(model.generate(**inputs, max_new_tokens=STEPS, do_sample=False), stock)
+
+
+def test_the_stock_generate_gives_copies_of_a_two_image_prompt_the_wrong_images():
+    """Why the refusal above exists: if this starts failing, transformers copies them rightly and
+    the refusal (Family.repeats_wrongly) can go."""
+    model = BUILDERS["glm4v"]()
+    inputs = tiny_glm_inputs(IMAGES)  # the second prompt holds two images
+    own = generated(model, inputs)
+    copies = generated(model, inputs, do_sample=True, top_k=1, num_return_sequences=2)  # greedy, twice
+    assert copies[0] == copies[1] == own[0]  # one image: copied rightly
+    assert copies[2] != own[1] or copies[3] != own[1]
