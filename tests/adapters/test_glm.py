@@ -47,7 +47,7 @@ def prepared(family, prompts=IMAGES, method="vispruner", attn_implementation="sd
 
 
 def generated(model, inputs, **options):
-    out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, **options)
+    out = model.generate(**inputs, max_new_tokens=STEPS, **({"do_sample": False} | options))
     return out[:, inputs["input_ids"].shape[1] :].tolist()
 
 
