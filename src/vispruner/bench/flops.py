@@ -13,6 +13,14 @@ one logit row that generation's prefill computes). Attention is counted dense: c
 mask but do not skip the upper triangle. Norms, activations and rotary embeddings (O(n d)) are
 left out; they are well under 1% of the total.
 
+A mixture-of-experts layer (GLM-4.5V from ``first_k_dense_replace`` on; Qwen3.5-MoE) replaces
+the MLP by a router over E experts, k experts of width m' per token and shared experts of
+width s (Qwen3.5-MoE also gates the shared expert, a d -> 1 projection):
+
+    router       2 n d E
+    experts      6 n k d m'               only the k chosen experts run on a token
+    shared       6 n d s   (+ 2 n d)
+
 The count runs the forward under :class:`torch.utils.flop_counter.FlopCounterMode`, which sees
 every matrix product, and assigns FLOPs to the module that ran them.
 """
@@ -48,13 +56,32 @@ def llm_prefill_flops(
     head_dim = getattr(text_config, "head_dim", None) or d // heads
     mlp_matrices = 3 if gated_mlp else 2
     total = 0
-    for n in layer_tokens:
+    for index, n in enumerate(layer_tokens):
         projections = 2 * n * d * (2 * heads * head_dim + 2 * kv_heads * head_dim)
         attention = 4 * n * n * heads * head_dim
-        mlp = 2 * mlp_matrices * n * d * text_config.intermediate_size
+        mlp = _moe_flops(text_config, index, n)
+        if mlp is None:
+            mlp = 2 * mlp_matrices * n * d * text_config.intermediate_size
         total += projections + attention + mlp
     head = 2 * d * text_config.vocab_size * logit_rows
     return batch_size * (total + head)
+
+
+def _moe_flops(config: "PretrainedConfig", index: int, n: int) -> int | None:
+    """FLOPs of layer ``index``'s mixture of experts on n tokens (see the module doc), or None for
+    a dense MLP. GLM-4.5V names its experts ``n_routed_experts`` (dense before
+    ``first_k_dense_replace``), Qwen3.5-MoE ``num_experts`` (every layer)."""
+    d = config.hidden_size
+    if getattr(config, "n_routed_experts", None):
+        if index < config.first_k_dense_replace:
+            return None
+        experts, shared, gate = config.n_routed_experts, config.moe_intermediate_size * config.n_shared_experts, 0
+    elif getattr(config, "num_experts", None) and getattr(config, "shared_expert_intermediate_size", None):
+        experts, shared, gate = config.num_experts, config.shared_expert_intermediate_size, 2 * n * d
+    else:
+        return None
+    routed = 6 * n * config.num_experts_per_tok * d * config.moe_intermediate_size
+    return 2 * n * d * experts + routed + 6 * n * d * shared + gate
 
 
 def _sdpa_flops(query_shape, key_shape, value_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
@@ -66,15 +93,30 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args: Any, out_shape=None,
     return 2 * batch * heads * q_len * k_len * dim + 2 * batch * heads * q_len * k_len * v_dim
 
 
+def _grouped_mm_flops(input_shape, weight_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
+    # Mixture-of-experts layers multiply each (token, chosen expert) row of the (S, K) input by its
+    # expert's (K, N) slice of the (E, K, N) weight: S rows, whatever the grouping.
+    return 2 * input_shape[0] * input_shape[-1] * weight_shape[-1]
+
+
 def flop_counter():
-    """A :class:`FlopCounterMode` that also counts the CPU attention kernel."""
+    """A :class:`FlopCounterMode` that also counts the CPU attention kernel and the grouped
+    matrix products of mixture-of-experts layers (which it would otherwise count as zero)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    import transformers.integrations.moe  # noqa: F401  (registers transformers::grouped_mm_fallback)
+
     mapping = {}
-    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if cpu_sdpa is not None:
-        mapping[cpu_sdpa] = _sdpa_flops
+    kernels = {
+        _sdpa_flops: [getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)],
+        _grouped_mm_flops: [
+            getattr(torch.ops.aten, "_grouped_mm", None),
+            getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None),
+        ],
+    }
+    for formula, ops in kernels.items():
+        mapping.update((op, formula) for op in ops if op is not None)
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 

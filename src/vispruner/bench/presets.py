@@ -219,6 +219,78 @@ def _tiny_qwen2_5_vl() -> "PretrainedConfig":
     )
 
 
+def _glm4v_9b() -> "PretrainedConfig":
+    # zai-org/GLM-4.1V-9B-Thinking: a 24-block ViT (2D rotary, learned positions interpolated to
+    # the image) whose 2 x 2 conv and merger make one token per 28 x 28 px, and the GLM-4-9B
+    # decoder (2 key/value heads, half of each head rotated, M-RoPE sections 8/12/12).
+    from transformers import Glm4vConfig
+
+    return Glm4vConfig(
+        vision_config=dict(
+            depth=24, hidden_size=1536, intermediate_size=13696, num_heads=12, out_hidden_size=4096, image_size=336,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, hidden_act="silu", rms_norm_eps=1e-5,
+        ),
+        text_config=dict(
+            hidden_size=4096, intermediate_size=13696, num_hidden_layers=40, num_attention_heads=32,
+            num_key_value_heads=2, vocab_size=151552, max_position_embeddings=65536, rms_norm_eps=1e-5,
+            pad_token_id=151329,
+            rope_parameters={
+                "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12], "partial_rotary_factor": 0.5,
+            },
+        ),
+        **_GLM_IDS,
+        image_token_id=151343, video_token_id=151344,
+    )
+
+
+def _glm4_5v() -> "PretrainedConfig":
+    # zai-org/GLM-4.5V (106B, 12B active): GLM-4.1V's tower and the GLM-4.5-Air decoder, 46 layers of
+    # 96 query and 8 key/value heads of 128, the first dense, then 128 routed experts (8 per
+    # token) and a shared one of width 1408.
+    from transformers import Glm4vMoeConfig
+
+    return Glm4vMoeConfig(
+        vision_config=dict(
+            depth=24, hidden_size=1536, intermediate_size=10944, num_heads=12, out_hidden_size=4096, image_size=336,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, hidden_act="silu", rms_norm_eps=1e-5,
+        ),
+        text_config=dict(
+            hidden_size=4096, intermediate_size=10944, num_hidden_layers=46, num_attention_heads=96,
+            num_key_value_heads=8, head_dim=128, vocab_size=151552, max_position_embeddings=65536, rms_norm_eps=1e-5,
+            attention_bias=True, moe_intermediate_size=1408, n_routed_experts=128, num_experts_per_tok=8,
+            n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True,
+            pad_token_id=151329,
+            rope_parameters={
+                "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12], "partial_rotary_factor": 0.5,
+            },
+        ),
+        **_GLM_IDS,
+        image_token_id=151363, video_token_id=151364,
+    )
+
+
+def _tiny_glm4_5v() -> "PretrainedConfig":
+    # GLM-4.5V's structure (a dense first layer, then experts) at CI sizes.
+    from transformers import Glm4vMoeConfig
+
+    return Glm4vMoeConfig(
+        vision_config=dict(
+            depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128, image_size=112,
+            patch_size=14,
+        ),
+        text_config=dict(
+            _TINY_TEXT, head_dim=32, moe_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2,
+            n_shared_experts=1, first_k_dense_replace=1, bos_token_id=1, eos_token_id=2,
+            rope_parameters={
+                "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "partial_rotary_factor": 0.5,
+            },
+        ),
+        image_token_id=500, video_token_id=501, image_start_token_id=502, image_end_token_id=503,
+        video_start_token_id=504, video_end_token_id=505,
+    )
+
+
+_GLM_IDS = dict(image_start_token_id=151339, image_end_token_id=151340, video_start_token_id=151341, video_end_token_id=151342)
 _QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
 
 PRESETS: dict[str, Preset] = {
@@ -245,8 +317,11 @@ PRESETS: dict[str, Preset] = {
         Preset("qwen3-vl-8b", "Qwen/Qwen3-VL-8B-Instruct", _qwen3_vl_8b),
         Preset("llava-onevision-7b", "llava-hf/llava-onevision-qwen2-7b-ov-hf", _onevision_7b),
         Preset("gemma-3-4b", "google/gemma-3-4b-it", _gemma3_4b),
+        Preset("glm-4.1v-9b", "zai-org/GLM-4.1V-9B-Thinking", _glm4v_9b),
+        Preset("glm-4.5v", "zai-org/GLM-4.5V", _glm4_5v),
         Preset("tiny-llava", "", lambda: _llava(_TINY_TEXT, _TINY_VISION, image_token_id=511)),
         Preset("tiny-qwen2.5-vl", "", _tiny_qwen2_5_vl),
+        Preset("tiny-glm-4.5v", "", _tiny_glm4_5v),
         Preset(
             "tiny-llava-next",
             "",
