@@ -290,6 +290,54 @@ def _tiny_glm4_5v() -> "PretrainedConfig":
     )
 
 
+def _qwen3_5_35b_a3b() -> "PretrainedConfig":
+    # Qwen/Qwen3.5-35B-A3B: Qwen3-VL's 27-block ViT, and a hybrid decoder of 40 layers (three
+    # gated-delta-rule layers to each gated softmax one), every layer 256 experts (8 per token) of
+    # width 512 plus a gated shared expert.
+    from transformers import Qwen3_5MoeConfig
+
+    return Qwen3_5MoeConfig(
+        vision_config=dict(
+            depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=2048, patch_size=16,
+            spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304, hidden_act="gelu_pytorch_tanh",
+        ),
+        text_config=dict(
+            hidden_size=2048, num_hidden_layers=40, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+            vocab_size=248320, max_position_embeddings=262144, rms_norm_eps=1e-6, linear_conv_kernel_dim=4,
+            linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32,
+            moe_intermediate_size=512, shared_expert_intermediate_size=512, num_experts=256, num_experts_per_tok=8,
+            full_attention_interval=4,
+            rope_parameters={
+                "rope_type": "default", "rope_theta": 10000000.0, "mrope_section": [11, 11, 10],
+                "mrope_interleaved": True, "partial_rotary_factor": 0.25,
+            },
+        ),
+        image_token_id=248056, video_token_id=248057, vision_start_token_id=248053, vision_end_token_id=248054,
+    )
+
+
+def _tiny_qwen3_5_moe() -> "PretrainedConfig":
+    # Qwen3.5-MoE's structure (gated-delta-rule and gated softmax layers, experts everywhere) at CI sizes.
+    from transformers import Qwen3_5MoeConfig
+
+    return Qwen3_5MoeConfig(
+        vision_config=dict(
+            depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128, patch_size=14,
+            num_position_embeddings=64,
+        ),
+        text_config=dict(
+            _TINY_TEXT, pad_token_id=None, bos_token_id=1, eos_token_id=2, head_dim=32, linear_key_head_dim=16,
+            linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, moe_intermediate_size=64,
+            shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2, full_attention_interval=2,
+            rope_parameters={
+                "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True,
+                "partial_rotary_factor": 0.25,
+            },
+        ),
+        image_token_id=500, video_token_id=501, vision_start_token_id=502, vision_end_token_id=503,
+    )
+
+
 _GLM_IDS = dict(image_start_token_id=151339, image_end_token_id=151340, video_start_token_id=151341, video_end_token_id=151342)
 _QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
 
@@ -319,9 +367,11 @@ PRESETS: dict[str, Preset] = {
         Preset("gemma-3-4b", "google/gemma-3-4b-it", _gemma3_4b),
         Preset("glm-4.1v-9b", "zai-org/GLM-4.1V-9B-Thinking", _glm4v_9b),
         Preset("glm-4.5v", "zai-org/GLM-4.5V", _glm4_5v),
+        Preset("qwen3.5-35b-a3b", "Qwen/Qwen3.5-35B-A3B", _qwen3_5_35b_a3b),
         Preset("tiny-llava", "", lambda: _llava(_TINY_TEXT, _TINY_VISION, image_token_id=511)),
         Preset("tiny-qwen2.5-vl", "", _tiny_qwen2_5_vl),
         Preset("tiny-glm-4.5v", "", _tiny_glm4_5v),
+        Preset("tiny-qwen3.5-moe", "", _tiny_qwen3_5_moe),
         Preset(
             "tiny-llava-next",
             "",
