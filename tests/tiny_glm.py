@@ -20,11 +20,10 @@ from transformers import (
     Glm4vMoeForConditionalGeneration,
 )
 
-from .tiny_qwen import IMAGE_ID, PAD_ID, VIDEO_ID, WORD_OFFSET, _finish
+from .tiny_qwen import IMAGE_ID, MERGE, PAD_ID, PATCH, TEMPORAL, VIDEO_ID, WORD_OFFSET, _finish, pixel_inputs
 
 BEGIN_VIDEO, END_VIDEO, BEGIN_IMAGE, END_IMAGE = 3, 4, 7, 8
 VOCAB_SIZE = 64
-PATCH, TEMPORAL, MERGE = 4, 2, 2
 #: Two left-padded rows, images of different sizes, two in the second row.
 IMAGES = [["w1", "w2", ("image", 4, 6), "w3"], [("image", 8, 8), "w4", ("image", 4, 4), "w5", "w6"]]
 #: Two left-padded rows of videos (the stock GLM models take images and videos in separate calls).
@@ -111,11 +110,4 @@ def tiny_glm_inputs(prompts: list[list], seed: int = 0) -> BatchFeature:
         "attention_mask": (torch.arange(length) >= torch.tensor(pads).unsqueeze(1)).long(),
         "mm_token_type_ids": torch.tensor([[0] * pad + kinds for pad, kinds in zip(pads, types)]),
     }
-    width = 3 * TEMPORAL * PATCH * PATCH
-    for kind, pixels, grid_name in (("image", "pixel_values", "image_grid_thw"),
-                                    ("video", "pixel_values_videos", "video_grid_thw")):
-        if grids[kind]:
-            grid = torch.tensor(grids[kind])
-            features[pixels] = torch.randn(int(grid.prod(-1).sum()), width, generator=generator)
-            features[grid_name] = grid
-    return BatchFeature(features)
+    return BatchFeature(features | pixel_inputs(grids, generator))

@@ -182,14 +182,20 @@ def tiny_qwen_inputs(prompts: list[list], seed: int = 0, frames_separated: bool 
         "attention_mask": (torch.arange(length) >= torch.tensor([length - len(r) for r in rows]).unsqueeze(1)).long(),
         "mm_token_type_ids": (input_ids == IMAGE_ID).int() + 2 * (input_ids == VIDEO_ID).int(),
     }
+    return BatchFeature(features | pixel_inputs(grids, generator))
+
+
+def pixel_inputs(grids: dict[str, list[tuple[int, int, int]]], generator: torch.Generator) -> dict:
+    """Random patch rows and (t, h, w) grids for the ``"image"`` and ``"video"`` grids given."""
     width = 3 * TEMPORAL * PATCH * PATCH
+    features = {}
     for kind, pixels, grid_name in (("image", "pixel_values", "image_grid_thw"),
                                     ("video", "pixel_values_videos", "video_grid_thw")):
         if grids[kind]:
             grid = torch.tensor(grids[kind])
             features[pixels] = torch.randn(int(grid.prod(-1).sum()), width, generator=generator)
             features[grid_name] = grid
-    return BatchFeature(features)
+    return features
 
 
 #: Two left-padded rows: a video of 3 temporal groups; an image and a video of 2 groups.

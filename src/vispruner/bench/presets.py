@@ -219,17 +219,23 @@ def _tiny_qwen2_5_vl() -> "PretrainedConfig":
     )
 
 
+def _glm_vision(merger_width: int) -> dict:
+    # GLM-4.1V's and GLM-4.5V's 24-block ViT (from AIMv2-huge at 336 px, 14 px patches; 2D rotary,
+    # learned positions interpolated to the image); the merger's MLP width differs.
+    return dict(
+        depth=24, hidden_size=1536, intermediate_size=merger_width, num_heads=12, out_hidden_size=4096, image_size=336,
+        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, hidden_act="silu", rms_norm_eps=1e-5,
+    )
+
+
 def _glm4v_9b() -> "PretrainedConfig":
-    # zai-org/GLM-4.1V-9B-Thinking: a 24-block ViT (2D rotary, learned positions interpolated to
-    # the image) whose 2 x 2 conv and merger make one token per 28 x 28 px, and the GLM-4-9B
-    # decoder (2 key/value heads, half of each head rotated, M-RoPE sections 8/12/12).
+    # zai-org/GLM-4.1V-9B-Thinking: the ViT, whose 2 x 2 conv and merger make one token per
+    # 28 x 28 px, and the GLM-4-9B decoder (2 key/value heads, half of each head rotated, M-RoPE
+    # sections 8/12/12).
     from transformers import Glm4vConfig
 
     return Glm4vConfig(
-        vision_config=dict(
-            depth=24, hidden_size=1536, intermediate_size=13696, num_heads=12, out_hidden_size=4096, image_size=336,
-            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, hidden_act="silu", rms_norm_eps=1e-5,
-        ),
+        vision_config=_glm_vision(merger_width=13696),
         text_config=dict(
             hidden_size=4096, intermediate_size=13696, num_hidden_layers=40, num_attention_heads=32,
             num_key_value_heads=2, vocab_size=151552, max_position_embeddings=65536, rms_norm_eps=1e-5,
@@ -250,10 +256,7 @@ def _glm4_5v() -> "PretrainedConfig":
     from transformers import Glm4vMoeConfig
 
     return Glm4vMoeConfig(
-        vision_config=dict(
-            depth=24, hidden_size=1536, intermediate_size=10944, num_heads=12, out_hidden_size=4096, image_size=336,
-            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, hidden_act="silu", rms_norm_eps=1e-5,
-        ),
+        vision_config=_glm_vision(merger_width=10944),
         text_config=dict(
             hidden_size=4096, intermediate_size=10944, num_hidden_layers=46, num_attention_heads=96,
             num_key_value_heads=8, head_dim=128, vocab_size=151552, max_position_embeddings=65536, rms_norm_eps=1e-5,
