@@ -89,16 +89,17 @@ def test_images_and_videos_in_one_call_are_refused_as_by_the_stock_model(family)
             model.generate(**both, max_new_tokens=1, do_sample=False)
 
 
+@pytest.mark.parametrize("method", ["vispruner", "fastv"])
 @pytest.mark.parametrize(
     ("prompts", "options"),
     [(IMAGES, {"num_beams": 2}), (IMAGES, {"do_sample": True, "num_return_sequences": 2}), (VIDEOS, {"num_beams": 2})],
     ids=["beams-two-images", "sequences-two-images", "beams-video"],
 )
-def test_copies_the_stock_generate_would_scramble_are_refused(prompts, options):
-    model = BUILDERS["glm4v"]()
+def test_copies_the_stock_generate_would_scramble_are_refused(prompts, options, method):
+    model = BUILDERS["glm4v"](text_layers=4)
     inputs = tiny_glm_inputs(prompts)
     stock = model.generate(**inputs, max_new_tokens=1, do_sample=False) if prompts is IMAGES else None
-    vispruner.apply(model, NUM_TOKENS)
+    vispruner.apply(model, NUM_TOKENS, method=method)
     with pytest.raises(NotImplementedError, match=r"(num_beams=2|num_return_sequences=2) with a prompt holding several"):
         model.generate(**inputs, max_new_tokens=1, **options)
     if stock is not None:  # one sequence per prompt stays served
@@ -115,15 +116,17 @@ def test_video_placeholders_need_mm_token_type_ids():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_remove_restores_the_stock_model(family):
-    model = BUILDERS[family]()
+@pytest.mark.parametrize("method", ["vispruner", "fastv"])
+def test_remove_restores_the_stock_model(family, method):
+    model = BUILDERS[family](text_layers=4)
     inputs = tiny_glm_inputs(IMAGES)
     stock = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
-    before = [set(vars(owner)) for owner in (model, model.model)]
-    vispruner.apply(model, 2)
+    owners = (model, model.model, model.model.language_model)
+    before = [set(vars(owner)) for owner in owners]
+    vispruner.apply(model, 2, method=method)
     assert model.generate(**inputs, max_new_tokens=STEPS, do_sample=False).shape == stock.shape
     vispruner.remove(model)
-    assert [set(vars(owner)) for owner in (model, model.model)] == before
+    assert [set(vars(owner)) for owner in owners] == before
     assert torch.equal(model.generate(**inputs, max_new_tokens=STEPS, do_sample=False), stock)
 
 

@@ -35,7 +35,7 @@ from .patching import InstancePatch, Outermost, bind_arguments
 from .sequence import CompactedPrefix, CompactedSequence, compact
 from . import hf_seam
 from .budget import shared_tokens
-from .vision_stage import PRUNER, Family, ImageSelection, Item, Modality, Settings
+from .vision_stage import PRUNER, Family, ImageSelection, Item, Modality, Settings, refuse_wrong_repeats
 
 #: Attribute of a KV cache whose layers from K on hold a compacted prefill: its :class:`CompactedPrefix`.
 PREFIX = "_vispruner_llm_prefix"
@@ -103,6 +103,8 @@ class LanguageStagePruner:
         for modality in self.family.modalities:
             self._patch.wrap(self.model.model, modality.encoder, self._encoder(modality))
         self._patch.wrap(self.model, "forward", self._forward)
+        if self.family.repeats_wrongly is not None:
+            self._patch.wrap(self.model, "generate", self._generate)
         self._patch.wrap(self.language_model, "forward", self._language_forward)
         if hasattr(self.language_model, "_deepstack_process"):
             self._patch.wrap(self.language_model, "_deepstack_process", self._deepstack)
@@ -129,6 +131,10 @@ class LanguageStagePruner:
             return original(*args, **kwargs)
 
         return self._outermost(wrapper)
+
+    def _generate(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        refuse_wrong_repeats(self.model, self.family, bind_arguments(original, args, kwargs))
+        return original(*args, **kwargs)
 
     def _forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         arguments = bind_arguments(original, args, kwargs)

@@ -469,29 +469,8 @@ class VisionStagePruner:
                         f"{feature} ({name}={shown}) is not supported on a pruned model with images; "
                         "leave it unset, or vispruner.remove(model) first"
                     )
-            if self.family.repeats_wrongly is not None:
-                self._check_repeats(arguments, config)
+            refuse_wrong_repeats(self.model, self.family, arguments)
         return original(*args, **kwargs)
-
-    def _check_repeats(self, arguments: dict[str, Any], config: Any) -> None:
-        """Refuse copies of prompts that the family's stock ``generate()`` would fill with the wrong images."""
-        copies = {name: arguments.get(name, getattr(config, name, 1)) or 1 for name in ("num_beams", "num_return_sequences")}
-        name, count = max(copies.items(), key=lambda item: item[1])
-        if count == 1:
-            return
-        ids = arguments.get("input_ids")
-        videos = any(arguments.get(m.pixels) is not None for m in self.family.modalities if m.name == "video")
-        several = False
-        if ids is not None:
-            image = next(m for m in self.family.modalities if m.name == "image")
-            is_image = image.placeholders(self.model.config, ids, arguments.get("mm_token_type_ids"))
-            starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
-            several = bool((starts.sum(dim=1) > 1).any())
-        if videos or several:
-            raise NotImplementedError(
-                f"{name}={count} with a prompt holding several images or a video is refused on {self.family.name}: "
-                f"{self.family.repeats_wrongly}; give such prompts one image each, or generate one sequence per prompt"
-            )
 
     def _forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         arguments = bind_arguments(original, args, kwargs)
@@ -644,6 +623,32 @@ class VisionStagePruner:
         if arguments.get("is_first_iteration") or hasattr(cache, PREFIX):
             return arguments.get("attention_mask")
         return original(*args, **kwargs)
+
+
+def refuse_wrong_repeats(model: nn.Module, family: Family, arguments: dict[str, Any]) -> None:
+    """``NotImplementedError`` for a ``generate()`` call (its ``arguments``) that copies prompts
+    (beams, ``num_return_sequences``) holding several images or a video, when the family's stock
+    ``generate()`` fills such copies with the wrong images (``family.repeats_wrongly``)."""
+    if family.repeats_wrongly is None:
+        return
+    config = arguments.get("generation_config") or model.generation_config
+    copies = {name: arguments.get(name, getattr(config, name, 1)) or 1 for name in ("num_beams", "num_return_sequences")}
+    name, count = max(copies.items(), key=lambda item: item[1])
+    if count == 1:
+        return
+    ids = arguments.get("input_ids")
+    videos = any(arguments.get(m.pixels) is not None for m in family.modalities if m.name == "video")
+    several = False
+    if ids is not None:
+        image = next(m for m in family.modalities if m.name == "image")
+        is_image = image.placeholders(model.config, ids, arguments.get("mm_token_type_ids"))
+        starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
+        several = bool((starts.sum(dim=1) > 1).any())
+    if videos or several:
+        raise NotImplementedError(
+            f"{name}={count} with a prompt holding several images or a video is refused on {family.name}: "
+            f"{family.repeats_wrongly}; give such prompts one image each, or generate one sequence per prompt"
+        )
 
 
 def _by_piece(flags: torch.Tensor, item: Item) -> torch.Tensor:
