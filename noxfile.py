@@ -39,26 +39,32 @@ def table(session: nox.Session) -> None:
 
     from vispruner.adapters import FAMILIES
 
-    results: dict[str, dict[str, list[bool]]] = {}
+    results: dict[str, dict[str, list[str]]] = {}
     for version in TRANSFORMERS:
         path = Path(f".nox/junit-{version}.xml")
         if not path.exists():
             continue
         for case in ElementTree.parse(path).iter("testcase"):
             name = case.get("name", "")
-            passed = case.find("failure") is None and case.find("error") is None
-            skipped = case.find("skipped") is not None
+            failed = case.find("failure") is not None or case.find("error") is not None
+            status = "fail" if failed else "skip" if case.find("skipped") is not None else "pass"
             params = name[name.find("[") + 1 : -1].split("-") if "[" in name else []
             families = {_family(part, FAMILIES) for part in params} - {None} or {"shared"}
             for family in families:
-                results.setdefault(family, {}).setdefault(version, []).append(passed or skipped)
+                results.setdefault(family, {}).setdefault(version, []).append(status)
     versions = [v for v in TRANSFORMERS if Path(f".nox/junit-{v}.xml").exists()]
     lines = ["| family | " + " | ".join(versions) + " |", "| --- |" + " --- |" * len(versions)]
     for family in sorted(results, key=lambda f: (f == "shared", f)):
         cells = []
         for version in versions:
             runs = results[family].get(version)
-            cells.append("n/a" if runs is None else f"pass ({len(runs)})" if all(runs) else f"FAIL ({runs.count(False)}/{len(runs)})")
+            if runs is None:
+                cells.append("n/a")
+            elif "fail" in runs:
+                cells.append(f"FAIL ({runs.count('fail')} of {len(runs)})")
+            else:
+                skipped = f", {runs.count('skip')} skipped" if "skip" in runs else ""
+                cells.append(f"pass ({runs.count('pass')}{skipped})")
         lines.append(f"| {family} | " + " | ".join(cells) + " |")
     session.log("\n" + "\n".join(lines))
 

@@ -24,6 +24,10 @@ from vispruner.methods import available_methods, get_method
 from .adapters import cases, siglip_cases, tile_cases
 from .adapters.cases import FAMILIES
 from .adapters.reference import image_layouts
+from .tiny_glm import BUILDERS as GLM_BUILDERS
+from .tiny_glm import IMAGES as GLM_IMAGES
+from .tiny_glm import VIDEOS as GLM_VIDEOS
+from .tiny_glm import tiny_glm_inputs as glm_inputs
 from .tiny_qwen import BUILDERS as QWEN_BUILDERS
 from .tiny_qwen import IMAGE_ID as QWEN_IMAGE_ID
 from .tiny_qwen import MIXED_PROMPTS as QWEN_PROMPTS
@@ -159,24 +163,39 @@ def test_method_through_apply_on_qwen(family, method):
     model = QWEN_BUILDERS[family](text_layers=TEXT_LAYERS)
     inputs = qwen_inputs(family, QWEN_PROMPTS)
     stage = get_method(method).stage
-    if stage == "llm" and family == "qwen3_5":
+    if stage == "llm" and family in ("qwen3_5", "qwen3_5_moe"):  # linear-attention layers
         with pytest.raises(TypeError, match="softmax attention in every decoder layer"):
             vispruner.apply(model, NUM_TOKENS, method=method)
         return
+    assert_qwen_like_contract(model, inputs, QWEN_PROMPTS, method)
+
+
+@pytest.mark.parametrize("family", tuple(GLM_BUILDERS))
+@pytest.mark.parametrize("prompts", [GLM_IMAGES, GLM_VIDEOS], ids=["images", "videos"])
+@pytest.mark.parametrize("method", available_methods())
+def test_method_through_apply_on_glm(family, prompts, method):
+    """GLM-4.1V / 4.5V: images and videos in separate calls, as the stock models take them."""
+    model = GLM_BUILDERS[family](text_layers=TEXT_LAYERS)
+    assert_qwen_like_contract(model, glm_inputs(prompts), prompts, method)
+
+
+def assert_qwen_like_contract(model, inputs, prompts, method):
+    stage = get_method(method).stage
     assert_keeping_everything_is_stock(model, inputs, method)
 
     vispruner.apply(model, NUM_TOKENS, method=method)
     _, seen = generate_seeing_prefill(model, inputs)
     visual = (inputs["input_ids"] == QWEN_IMAGE_ID) | (inputs["input_ids"] == QWEN_VIDEO_ID)
     text = (inputs["attention_mask"].bool() & ~visual).sum(dim=1).tolist()
-    expected = [count + qwen_kept(prompt, NUM_TOKENS) for count, prompt in zip(text, QWEN_PROMPTS)]
+    expected = [count + qwen_kept(prompt, NUM_TOKENS) for count, prompt in zip(text, prompts)]
     full = inputs["attention_mask"].sum(dim=1).tolist()
     cut = FASTV_LAYER if stage == "llm" else 0
     assert seen, "no decoder layer saw the prefill"
     assert all(seen[i] == (full if i < cut else expected) for i in seen)
     assert all(e < f for e, f in zip(expected, full))
     kinds = [selection.modality for selection in vispruner.last_selection(model)]
-    assert kinds == ["image", "video", "video"]
+    given = [part[0] for prompt in prompts for part in prompt if isinstance(part, tuple)]
+    assert kinds == sorted(given, key=["image", "video"].index)  # images first, then videos
 
 
 SIGLIP_CASES = {name: siglip_cases.CASES[name] for name in ("gemma3", "onevision", "onevision_video")}

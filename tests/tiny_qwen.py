@@ -18,6 +18,8 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen3_5Config,
     Qwen3_5ForConditionalGeneration,
+    Qwen3_5MoeConfig,
+    Qwen3_5MoeForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLMoeConfig,
@@ -110,16 +112,30 @@ def tiny_qwen3_vl_moe(seed: int = 0, attn_implementation: str = "sdpa", text_lay
     return _finish(Qwen3VLMoeForConditionalGeneration(config), attn_implementation)
 
 
-def tiny_qwen3_5(seed: int = 0, attn_implementation: str = "sdpa", text_layers: int = 2):
-    """Qwen3.5-shaped: a linear-attention (gated delta) decoder layer, then a full-attention one."""
+def _qwen3_5_text(layers: int, **extra) -> dict:
     text = _qwen3_text(
-        text_layers, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
-        layer_types=(["linear_attention", "full_attention"] * text_layers)[:text_layers],
+        layers, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+        layer_types=(["linear_attention", "full_attention"] * layers)[:layers], **extra,
     )
     text["rope_parameters"] |= {"partial_rotary_factor": 1.0}
-    config = Qwen3_5Config(vision_config=_qwen3_vision(), text_config=text, **_ids())
+    return text
+
+
+def tiny_qwen3_5(seed: int = 0, attn_implementation: str = "sdpa", text_layers: int = 2):
+    """Qwen3.5-shaped: a linear-attention (gated delta) decoder layer, then a full-attention one."""
+    config = Qwen3_5Config(vision_config=_qwen3_vision(), text_config=_qwen3_5_text(text_layers), **_ids())
     torch.manual_seed(seed)
     return _finish(Qwen3_5ForConditionalGeneration(config), attn_implementation)
+
+
+def tiny_qwen3_5_moe(seed: int = 0, attn_implementation: str = "sdpa", text_layers: int = 2):
+    """Qwen3.5-MoE-shaped: as Qwen3.5 with 4 routed experts (2 per token) and a shared expert in every layer."""
+    text = _qwen3_5_text(
+        text_layers, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32
+    )
+    config = Qwen3_5MoeConfig(vision_config=_qwen3_vision(), text_config=text, **_ids())
+    torch.manual_seed(seed)
+    return _finish(Qwen3_5MoeForConditionalGeneration(config), attn_implementation)
 
 
 BUILDERS = {
@@ -128,10 +144,11 @@ BUILDERS = {
     "qwen3_vl": tiny_qwen3_vl,
     "qwen3_vl_moe": tiny_qwen3_vl_moe,
     "qwen3_5": tiny_qwen3_5,
+    "qwen3_5_moe": tiny_qwen3_5_moe,
 }
 #: Families whose prompts give each temporal group of a video its own placeholder run (after a
 #: timestamp), as their processors do.
-FRAMES_SEPARATED = {"qwen3_vl", "qwen3_vl_moe", "qwen3_5"}
+FRAMES_SEPARATED = {"qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"}
 
 
 def tiny_qwen_inputs(prompts: list[list], seed: int = 0, frames_separated: bool = False) -> BatchFeature:
@@ -165,14 +182,20 @@ def tiny_qwen_inputs(prompts: list[list], seed: int = 0, frames_separated: bool 
         "attention_mask": (torch.arange(length) >= torch.tensor([length - len(r) for r in rows]).unsqueeze(1)).long(),
         "mm_token_type_ids": (input_ids == IMAGE_ID).int() + 2 * (input_ids == VIDEO_ID).int(),
     }
+    return BatchFeature(features | pixel_inputs(grids, generator))
+
+
+def pixel_inputs(grids: dict[str, list[tuple[int, int, int]]], generator: torch.Generator) -> dict:
+    """Random patch rows and (t, h, w) grids for the ``"image"`` and ``"video"`` grids given."""
     width = 3 * TEMPORAL * PATCH * PATCH
+    features = {}
     for kind, pixels, grid_name in (("image", "pixel_values", "image_grid_thw"),
                                     ("video", "pixel_values_videos", "video_grid_thw")):
         if grids[kind]:
             grid = torch.tensor(grids[kind])
             features[pixels] = torch.randn(int(grid.prod(-1).sum()), width, generator=generator)
             features[grid_name] = grid
-    return BatchFeature(features)
+    return features
 
 
 #: Two left-padded rows: a video of 3 temporal groups; an image and a video of 2 groups.

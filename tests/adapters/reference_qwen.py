@@ -74,16 +74,27 @@ def tower_signals(model, pixels, grid_thw):
         window_index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size)
         order = torch.argsort(window_index)
     scores = received.view(-1, unit).mean(dim=1)[order].float()
-    features = seen["merger"].reshape(-1, unit * hidden.shape[-1])[order]
+    features = seen["merger"].reshape(hidden.shape[0] // unit, -1)[order]  # one row per merged token
     keys = key.float().view(-1, unit, *key.shape[1:]).mean(dim=1)[order]
     return scores, features, keys, merged, seen["deepstack"]
+
+
+def _is_glm(model):
+    """GLM-4.1V / 4.5V: a 2 x 2 conv fuses each token's patches before the merger (one merger input
+    row per token), and the tower sees each temporal group of a video as an image of its own."""
+    return type(model).__name__.startswith("Glm4v")
 
 
 def reference_items(model, pixels, grid_thw, num_tokens=8, method="vispruner", per_video=False, **options):
     """Per image or video: its keep mask and tokens, each item (temporal group) selected on its own."""
     chosen = get_method(method)
-    scores, features, keys, merged, deepstack = tower_signals(model, pixels, grid_thw)
+    tower_grid = grid_thw
+    if _is_glm(model):
+        tower_grid = torch.repeat_interleave(grid_thw, grid_thw[:, 0], dim=0)
+        tower_grid[:, 0] = 1
+    scores, features, keys, merged, deepstack = tower_signals(model, pixels, tower_grid)
     merge = model.model.visual.spatial_merge_size
+    width = features.shape[1] // (1 if _is_glm(model) else merge**2)  # of a row of the merger's input
     items, start = [], 0
     for t, h, w in grid_thw.tolist():
         rows, cols = h // merge, w // merge
@@ -98,7 +109,7 @@ def reference_items(model, pixels, grid_thw, num_tokens=8, method="vispruner", p
             projected = None
             if "projected" in chosen.needs:
                 with torch.no_grad():
-                    projected = model.model.visual.merger(features[part].reshape(-1, features.shape[1] // merge**2))
+                    projected = model.model.visual.merger(features[part].reshape(-1, width))
             signals = VisionSignals(features[part][None], scores[part][None], keys[part][None], grid,
                                     None if projected is None else projected[None])
             selection = chosen.select(signals, budget, **options)
@@ -108,7 +119,7 @@ def reference_items(model, pixels, grid_thw, num_tokens=8, method="vispruner", p
         keep = torch.cat(keep)
         with torch.no_grad():
             new_features = torch.cat(replaced)
-            tokens = model.model.visual.merger(new_features.reshape(-1, features.shape[1] // merge**2))
+            tokens = model.model.visual.merger(new_features.reshape(-1, width))
         items.append(ReferenceItem(
             keep.view(t, size), None if important[0] is None else torch.cat(important).view(t, size),
             merged[start : start + t * size], tokens[keep],
@@ -127,32 +138,33 @@ def reference_rows(model, inputs, images, videos):
             video_grid_thw=inputs.get("video_grid_thw"), attention_mask=mask_all,
         )
     embed = model.get_input_embeddings()
-    # Per modality, all items' flags, kept tokens and deepstack rows in order, read run by run (a
-    # video may be split into one run per temporal group).
+    # Per modality (by its mm_token_type_ids value: GLM's video frames use the image token id), all
+    # items' flags, kept tokens and deepstack rows in order, read run by run (a video may be split
+    # into one run per temporal group).
     streams = {}
-    for token, items in ((IMAGE_ID, images), (VIDEO_ID, videos)):
+    for kind, items in ((1, images), (2, videos)):
         if items:
             flags = torch.cat([item.keep.flatten() for item in items])
             kept = torch.cat([item.kept_tokens for item in items])
             layers = [torch.cat(layer) for layer in zip(*(item.deepstack for item in items))]
-            streams[token] = [flags, kept, layers, 0]
+            streams[kind] = [flags, kept, layers, 0]
     rows = []
-    for row, (ids, mask) in enumerate(zip(ids_all, mask_all)):
+    for row, (ids, mask, types) in enumerate(zip(ids_all, mask_all, inputs["mm_token_type_ids"])):
         real = mask.bool()
-        ids, full_positions = ids[real], positions[:, row, real]
+        ids, types, full_positions = ids[real], types[real], positions[:, row, real]
         parts, columns, sources, column, deepstack = [], [], [], 0, []
         while column < len(ids):
-            token = int(ids[column])
-            if token in streams:
-                flags, kept, layers, cursor = streams[token]
-                run = int((ids[column:] == token).long().cumprod(0).sum())
+            token, kind = int(ids[column]), int(types[column])
+            if kind in streams:
+                flags, kept, layers, cursor = streams[kind]
+                run = int(((ids[column:] == token) & (types[column:] == kind)).long().cumprod(0).sum())
                 run_flags = flags[cursor : cursor + run]
                 first, count = int(flags[:cursor].sum()), int(run_flags.sum())
                 parts.append(kept[first : first + count])
                 deepstack.append([layer[first : first + count] for layer in layers])
                 columns += [column + i for i in range(run) if run_flags[i]]
                 sources += [-1] * count
-                streams[token][3] = cursor + run
+                streams[kind][3] = cursor + run
                 column += run
             else:
                 with torch.no_grad():

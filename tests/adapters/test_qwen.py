@@ -13,6 +13,8 @@ import vispruner
 from vispruner.adapters.qwen_vision import IMAGE, QwenVision
 from vispruner.methods import available_methods, get_method
 
+from ..tiny_glm import BUILDERS as GLM_BUILDERS
+from ..tiny_glm import tiny_glm_inputs
 from ..tiny_qwen import BUILDERS, IMAGE_ID, MIXED_PROMPTS, family_inputs
 from .reference_qwen import (
     continuation_logits,
@@ -33,9 +35,16 @@ IMAGES = [["w1", "w2", ("image", 4, 6), "w3"], [("image", 8, 8), "w4", ("image",
 VISION_METHODS = [name for name in available_methods() if get_method(name).stage == "vision"]
 
 
+def model_and_inputs(family, prompts, **build):
+    """A tiny model of ``family`` (a Qwen-VL one, or GLM-4.1V / 4.5V, whose tests call these with
+    their own prompts) and ``prompts`` laid out as its processor does."""
+    if family in GLM_BUILDERS:
+        return GLM_BUILDERS[family](**build), tiny_glm_inputs(prompts)
+    return BUILDERS[family](**build), family_inputs(family, prompts)
+
+
 def prepared(family, prompts=IMAGES, method="vispruner", attn_implementation="sdpa", per_video=False, **options):
-    model = BUILDERS[family](attn_implementation=attn_implementation)
-    inputs = family_inputs(family, prompts)
+    model, inputs = model_and_inputs(family, prompts, attn_implementation=attn_implementation)
     images = videos = []
     if "pixel_values" in inputs:
         images = reference_items(model, inputs["pixel_values"], inputs["image_grid_thw"], NUM_TOKENS, method, **options)
@@ -54,12 +63,11 @@ def prompt_length(inputs):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_signal_equals_an_eager_recompute(family):
-    model = BUILDERS[family]()
-    inputs = family_inputs(family, IMAGES)
+def test_signal_equals_an_eager_recompute(family, vision=QwenVision):
+    model, inputs = model_and_inputs(family, IMAGES)
     expected, features, keys, _, _ = tower_signals(model, inputs["pixel_values"], inputs["image_grid_thw"])
     arguments = {"image_grid_thw": inputs["image_grid_thw"]}
-    with QwenVision(model).tap(IMAGE, arguments, frozenset({"attention", "keys"})) as tap:
+    with vision(model).tap(IMAGE, arguments, frozenset({"attention", "keys"})) as tap:
         seen = {}
         handle = tap.module.register_forward_pre_hook(lambda module, args: seen.update(inputs=args))
         with torch.no_grad():
@@ -71,9 +79,8 @@ def test_signal_equals_an_eager_recompute(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_keeping_every_token_is_bit_for_bit_the_stock_model(family):
-    model = BUILDERS[family]()
-    inputs = family_inputs(family, MIXED_PROMPTS)
+def test_keeping_every_token_is_bit_for_bit_the_stock_model(family, prompts=MIXED_PROMPTS):
+    model, inputs = model_and_inputs(family, prompts)
     with torch.no_grad():
         stock_logits = model(**inputs).logits
     stock = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
@@ -126,13 +133,15 @@ def test_greedy_tokens_match_reference(family, attn_implementation, options):
 
 
 @pytest.mark.parametrize(("family", "per_video"), [(f, False) for f in FAMILIES] + [(f, True) for f in CORE])
-def test_video_and_images_mixed(family, per_video):
-    model, inputs, items, rows = prepared(family, MIXED_PROMPTS, per_video=per_video)
+def test_video_and_images_mixed(family, per_video, prompts=MIXED_PROMPTS):
+    """(The first video of ``prompts`` has 3 temporal groups of 2 x 2 merged tokens.)"""
+    model, inputs, items, rows = prepared(family, prompts, per_video=per_video)
     out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
     assert out[:, prompt_length(inputs) :].tolist() == [greedy(model, row, STEPS) for row in rows]
     selections = vispruner.last_selection(model)
-    assert [s.modality for s in selections] == ["image", "video", "video"]
-    video = selections[1]
+    given = [part[0] for prompt in prompts for part in prompt if isinstance(part, tuple)]
+    assert [s.modality for s in selections] == sorted(given, key=["image", "video"].index)
+    video = next(s for s in selections if s.modality == "video")
     assert video.keep.shape == (3, 4) and video.grid == (2, 2)
     # 3 tokens over 3 temporal groups: one each; over the whole video: 3 in all.
     assert int(video.keep.sum()) == 3
@@ -153,12 +162,12 @@ def stock_generate_repeats_rows_right(family) -> bool:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_sampling_and_beams_use_the_gathered_positions(family):
-    if family == "qwen3_5" and not stock_generate_repeats_rows_right(family):
+def test_sampling_and_beams_use_the_gathered_positions(family, prompts=IMAGES):
+    if family in ("qwen3_5", "qwen3_5_moe") and not stock_generate_repeats_rows_right(family):
         import transformers
 
         pytest.skip(f"transformers {transformers.__version__}'s own Qwen3.5 generate() is wrong with num_return_sequences")
-    model, inputs, _, rows = prepared(family)
+    model, inputs, _, rows = prepared(family, prompts)
     torch.manual_seed(0)
     out = model.generate(
         **inputs, max_new_tokens=STEPS, do_sample=True, num_return_sequences=2,
@@ -179,8 +188,8 @@ def test_sampling_and_beams_use_the_gathered_positions(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_forward_with_labels_and_a_hand_written_decode_loop(family):
-    model, inputs, _, rows = prepared(family)
+def test_forward_with_labels_and_a_hand_written_decode_loop(family, prompts=IMAGES):
+    model, inputs, _, rows = prepared(family, prompts)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     labels = ids.masked_fill((ids == IMAGE_ID) | (mask == 0) | (mask.cumsum(1) == 1), -100)
     out = model(**inputs, labels=labels, use_cache=True)
@@ -250,8 +259,7 @@ def test_fastv_cut_before_a_deepstack_layer_adds_features_to_kept_tokens_only():
 
 @pytest.mark.parametrize("family", CORE)
 def test_fastv_greedy_tokens_match_a_hand_run_of_the_layers(family):
-    model = BUILDERS[family](text_layers=4)
-    inputs = family_inputs(family, IMAGES)
+    model, inputs = model_and_inputs(family, IMAGES, text_layers=4)
     everything = reference_items(model, inputs["pixel_values"], inputs["image_grid_thw"], 10**6, "random")
     rows = reference_rows(model, inputs, everything, [])
     vispruner.apply(model, NUM_TOKENS, method="fastv", layer=2)

@@ -24,6 +24,9 @@ FAMILIES = {
     "qwen3_5": "vispruner.adapters.qwen3_5",
     "llava_onevision": "vispruner.adapters.llava_onevision",
     "gemma3": "vispruner.adapters.gemma3",
+    "qwen3_5_moe": "vispruner.adapters.qwen3_5_moe",
+    "glm4v": "vispruner.adapters.glm4v",
+    "glm4v_moe": "vispruner.adapters.glm4v_moe",
     "internvl": "vispruner.adapters.internvl",
     "smolvlm": "vispruner.adapters.smolvlm",
     "idefics3": "vispruner.adapters.smolvlm",
@@ -35,6 +38,8 @@ SUPPORTED = (
     "Qwen3-VL (Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration), "
     "Qwen3.5 (Qwen3_5ForConditionalGeneration), "
     "LLaVA-OneVision (LlavaOnevisionForConditionalGeneration), Gemma 3 (Gemma3ForConditionalGeneration)"
+    ", Qwen3.5-MoE (Qwen3_5MoeForConditionalGeneration), GLM-4.1V (Glm4vForConditionalGeneration), "
+    "GLM-4.5V (Glm4vMoeForConditionalGeneration)"
     ", InternVL 3 / 3.5 (InternVLForConditionalGeneration)"
     ", SmolVLM / Idefics3 (SmolVLMForConditionalGeneration, Idefics3ForConditionalGeneration)"
     ", Mistral 3 (Mistral3ForConditionalGeneration)"

@@ -35,7 +35,7 @@ from .patching import InstancePatch, Outermost, bind_arguments
 from .sequence import CompactedPrefix, CompactedSequence, compact
 from . import hf_seam
 from .budget import shared_tokens
-from .vision_stage import PRUNER, Family, ImageSelection, Item, Modality, Settings
+from .vision_stage import PRUNER, Family, ImageSelection, Item, Modality, Settings, refuse_wrong_repeats
 
 #: Attribute of a KV cache whose layers from K on hold a compacted prefill: its :class:`CompactedPrefix`.
 PREFIX = "_vispruner_llm_prefix"
@@ -87,8 +87,10 @@ class LanguageStagePruner:
         #: Per modality, the items of its last feature call, and that call's arguments.
         self._items: dict[str, list[Item]] = {}
         self._encoder_arguments: dict[str, dict[str, Any]] = {}
-        #: input_ids of the prefill under way; per modality present, its items in reading order.
+        #: input_ids (and mm_token_type_ids, if given) of the prefill under way; per modality
+        #: present, its items in reading order.
         self._prompt_ids: torch.Tensor | None = None
+        self._prompt_types: torch.Tensor | None = None
         self._placed_now: dict[str, list[_Placed]] = {}
         #: Token budget of each group id of the prefill under way.
         self._budgets: dict[int, int] = {}
@@ -101,6 +103,8 @@ class LanguageStagePruner:
         for modality in self.family.modalities:
             self._patch.wrap(self.model.model, modality.encoder, self._encoder(modality))
         self._patch.wrap(self.model, "forward", self._forward)
+        if self.family.repeats_wrongly is not None:
+            self._patch.wrap(self.model, "generate", self._generate)
         self._patch.wrap(self.language_model, "forward", self._language_forward)
         if hasattr(self.language_model, "_deepstack_process"):
             self._patch.wrap(self.language_model, "_deepstack_process", self._deepstack)
@@ -128,6 +132,10 @@ class LanguageStagePruner:
 
         return self._outermost(wrapper)
 
+    def _generate(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        refuse_wrong_repeats(self.model, self.family, bind_arguments(original, args, kwargs))
+        return original(*args, **kwargs)
+
     def _forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         arguments = bind_arguments(original, args, kwargs)
         cache = hf_seam.cache_in(arguments, original, f"{type(self.model).__name__}.forward", self.family.arguments)
@@ -144,11 +152,12 @@ class LanguageStagePruner:
                 # Grouped inside the language model's call: the image features (and with them the
                 # crops of each image) are computed after this point when pixel_values are given.
                 self._prompt_ids = arguments["input_ids"]
+                self._prompt_types = arguments.get("mm_token_type_ids")
         labels = arguments.pop("labels", None)
         try:
             output = original(**arguments)
         finally:
-            self._prompt_ids = None
+            self._prompt_ids = self._prompt_types = None
         if labels is not None:
             if self.last_tokens is not None:
                 labels = compact(self.last_tokens.to(labels.device), labels=labels).labels
@@ -165,7 +174,7 @@ class LanguageStagePruner:
         self._budgets = {}
         settings = self.settings
         for modality in self.family.modalities:
-            is_item = input_ids == getattr(self.model.config, modality.token_id)
+            is_item = modality.placeholders(self.model.config, input_ids, self._prompt_types)
             if modality.name not in self._items or not bool(is_item.any()):
                 continue
             placed = self._placements(modality, is_item)
@@ -355,7 +364,7 @@ class LanguageStagePruner:
             placed = self._placed_now.get(modality.name)
             if placed is None:
                 continue
-            is_item = self._prompt_ids == getattr(self.model.config, modality.token_id)
+            is_item = modality.placeholders(self.model.config, self._prompt_ids, self._prompt_types)
             kept = keep.to(is_item.device)[is_item].split([len(entry.sources) for entry in placed])
             for entry, flags in zip(placed, kept):
                 if not entry.first_copy:

@@ -18,4 +18,8 @@ FAMILY = Family(
     streams=STREAMS,
     shared_piece_budget=True,
     original_positions_only=True,
+    language_stage=(
+        "it needs softmax attention in every decoder layer, and this language model mixes in linear-attention "
+        "(gated delta rule) layers"
+    ),
 )

@@ -49,6 +49,10 @@ STREAMS = ("mm_token_type_ids",)
 class QwenVision:
     """:class:`~.vision_stage.VisionSide` of one Qwen-VL model."""
 
+    #: Whether the tower fuses each merged token's patches before the merger (GLM-4.1V's 2 x 2
+    #: conv: one merger input row per token) rather than in it (Qwen: 4 rows, concatenated).
+    fused_before_merger = False
+
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.visual = model.model.visual
@@ -59,7 +63,8 @@ class QwenVision:
         ):
             raise TypeError(
                 f"vision tower {type(self.visual).__name__} is not a Qwen-VL tower (blocks with a fused qkv "
-                "attention, then a merger); vispruner supports the stock Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5 towers"
+                "attention, then a merger); vispruner supports the stock Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and GLM-4.1V "
+                "towers"
             )
         self.attention = attention
         self.merge = self.visual.spatial_merge_size
@@ -83,23 +88,26 @@ class QwenVision:
             )
             order = torch.argsort(window_index)
         attention = self.attention if needs & {"attention", "keys"} else None
-        return MergerTap(self.visual.merger, attention, self.merge**2, order, keep_keys="keys" in needs)
+        rows = 1 if self.fused_before_merger else self.merge**2
+        return MergerTap(self.visual.merger, attention, self.merge**2, order, keep_keys="keys" in needs, rows=rows)
 
 
 class MergerTap:
     """Hooks on a Qwen-VL tower's last block (signal, keys) and its merger (features).
 
-    Tensors in the block and at the merger's input are in the tower's order, merge groups of
-    ``unit`` patches contiguous; ``order`` (argsort of the window index) lists the groups in
-    placeholder order, or None when the two orders agree.
+    Tensors in the block are in the tower's order, merge groups of ``unit`` patches contiguous;
+    the merger's input has ``rows`` rows per merged token, in the same order; ``order`` (argsort
+    of the window index) lists the groups in placeholder order, or None when the two orders agree.
     """
 
     def __init__(
-        self, merger: nn.Module, attention: nn.Module | None, unit: int, order: torch.Tensor | None, keep_keys: bool
+        self, merger: nn.Module, attention: nn.Module | None, unit: int, order: torch.Tensor | None, keep_keys: bool,
+        rows: int,
     ) -> None:
         self.module = merger
         self._attention = attention
         self._unit = unit
+        self._rows = rows
         self._order = order
         self._keep_keys = keep_keys
         self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -145,7 +153,7 @@ class MergerTap:
         return values if self._order is None else values[self._order.to(values.device)]
 
     def features(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        merged = inputs[0].reshape(-1, self._unit * inputs[0].shape[-1])
+        merged = inputs[0].reshape(-1, self._rows * inputs[0].shape[-1])
         return self._placeholder_order(merged)
 
     def attention(self) -> torch.Tensor | None:

@@ -73,6 +73,8 @@ class Modality:
         pixels: the ``forward`` argument holding its pixels.
         token_id: the config attribute holding its placeholder token id.
         arguments: further ``forward`` arguments the encoder takes, by the same name.
+        token_type: when modalities share a placeholder id (GLM-4.1V's video frames use the
+            image token), the ``mm_token_type_ids`` value that marks this one's placeholders.
 
     Where the stock encoder returns ``pooler_output`` as one (items, P, D) tensor (Gemma 3 images,
     LLaVA-OneVision videos, InternVL; SmolVLM up to transformers 5.20) rather than a list of
@@ -85,6 +87,19 @@ class Modality:
     pixels: str
     token_id: str
     arguments: tuple[str, ...] = ()
+    token_type: int | None = None
+
+    def placeholders(self, config: Any, input_ids: torch.Tensor, token_types: torch.Tensor | None) -> torch.Tensor:
+        """(B, L) bool: this modality's placeholder tokens in ``input_ids``."""
+        found = input_ids == getattr(config, self.token_id)
+        if self.token_type is None:
+            return found
+        if token_types is None:
+            raise ValueError(
+                f"this model marks image and video placeholders with one token id; pruning tells its {self.name} "
+                "placeholders by mm_token_type_ids (as the processor returns them), which were not given"
+            )
+        return found & (token_types.to(found.device) == self.token_type)
 
 
 @dataclass(frozen=True)
@@ -211,6 +226,9 @@ class Family:
         original_positions_only: whether ``positions="original"`` is the only setting (3D
             positions gathered from the unpruned prompt have no renumbered counterpart).
         language_stage: why LLM-stage methods (FastV) cannot run on it, or None if they can.
+        repeats_wrongly: why the stock ``generate()`` cannot repeat a prompt holding several
+            images, or a video, for beam search or ``num_return_sequences`` (GLM-4.1V interleaves
+            the images of the copies); such calls are refused. None if it can.
         per_image: why ``budget="per_image"`` cannot run on it, or None if it can (InternVL and
             SmolVLM get their tiles as a flat batch that does not say which image each is of).
     """
@@ -226,6 +244,7 @@ class Family:
     shared_piece_budget: bool = False
     original_positions_only: bool = False
     language_stage: str | None = None
+    repeats_wrongly: str | None = None
     per_image: str | None = None
 
     @property
@@ -462,6 +481,7 @@ class VisionStagePruner:
                         f"{feature} ({name}={shown}) is not supported on a pruned model with images; "
                         "leave it unset, or vispruner.remove(model) first"
                     )
+            refuse_wrong_repeats(self.model, self.family, arguments)
         return original(*args, **kwargs)
 
     def _forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -520,7 +540,7 @@ class VisionStagePruner:
                 )
             selections += [getattr(item, SELECTION) for item in features]
             all_masks[modality.name] = masks
-            is_item = self._placeholders(modality, input_ids, embeds)
+            is_item = self._placeholders(modality, input_ids, embeds, arguments.get("mm_token_type_ids"))
             item_keep = torch.cat(masks).to(is_item.device)
             if int(is_item.sum()) != item_keep.numel():
                 keep = None
@@ -595,10 +615,13 @@ class VisionStagePruner:
         self.last_tokens = short.keep
         return output
 
-    def _placeholders(self, modality: Modality, input_ids: torch.Tensor | None, embeds: torch.Tensor | None) -> torch.Tensor:
-        token_id = getattr(self.model.config, modality.token_id)
+    def _placeholders(
+        self, modality: Modality, input_ids: torch.Tensor | None, embeds: torch.Tensor | None,
+        token_types: torch.Tensor | None,
+    ) -> torch.Tensor:
         if input_ids is not None:
-            return input_ids == token_id
+            return modality.placeholders(self.model.config, input_ids, token_types)
+        token_id = getattr(self.model.config, modality.token_id)
         token = torch.tensor(token_id, device=embeds.device)
         return (embeds == self.model.get_input_embeddings()(token)).all(dim=-1)
 
@@ -616,6 +639,32 @@ class VisionStagePruner:
         if arguments.get("is_first_iteration") or hasattr(cache, PREFIX):
             return arguments.get("attention_mask")
         return original(*args, **kwargs)
+
+
+def refuse_wrong_repeats(model: nn.Module, family: Family, arguments: dict[str, Any]) -> None:
+    """``NotImplementedError`` for a ``generate()`` call (its ``arguments``) that copies prompts
+    (beams, ``num_return_sequences``) holding several images or a video, when the family's stock
+    ``generate()`` fills such copies with the wrong images (``family.repeats_wrongly``)."""
+    if family.repeats_wrongly is None:
+        return
+    config = arguments.get("generation_config") or model.generation_config
+    copies = {name: arguments.get(name, getattr(config, name, 1)) or 1 for name in ("num_beams", "num_return_sequences")}
+    name, count = max(copies.items(), key=lambda item: item[1])
+    if count == 1:
+        return
+    ids = arguments.get("input_ids")
+    videos = any(arguments.get(m.pixels) is not None for m in family.modalities if m.name == "video")
+    several = False
+    if ids is not None:
+        image = next(m for m in family.modalities if m.name == "image")
+        is_image = image.placeholders(model.config, ids, arguments.get("mm_token_type_ids"))
+        starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
+        several = bool((starts.sum(dim=1) > 1).any())
+    if videos or several:
+        raise NotImplementedError(
+            f"{name}={count} with a prompt holding several images or a video is refused on {family.name}: "
+            f"{family.repeats_wrongly}; give such prompts one image each, or generate one sequence per prompt"
+        )
 
 
 def _by_piece(flags: torch.Tensor, item: Item) -> torch.Tensor:

@@ -19,10 +19,11 @@ from torch.utils._pytree import tree_leaves
 
 
 def kv_cache_bytes(cache: Any) -> int:
-    """Bytes of the keys and values held by a transformers cache (e.g. ``DynamicCache``)."""
+    """Bytes of the keys and values held by a transformers cache (e.g. ``DynamicCache``); the
+    fixed-size states of linear-attention layers (Qwen3.5's), which hold no keys, are not counted."""
     total = 0
     for layer in cache.layers:
-        for tensor in (layer.keys, layer.values):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(tensor, torch.Tensor):
                 total += tensor.numel() * tensor.element_size()
     return total

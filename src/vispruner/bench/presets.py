@@ -219,6 +219,129 @@ def _tiny_qwen2_5_vl() -> "PretrainedConfig":
     )
 
 
+def _glm_vision(merger_width: int) -> dict:
+    # GLM-4.1V's and GLM-4.5V's 24-block ViT (from AIMv2-huge at 336 px, 14 px patches; 2D rotary,
+    # learned positions interpolated to the image); the merger's MLP width differs.
+    return dict(
+        depth=24, hidden_size=1536, intermediate_size=merger_width, num_heads=12, out_hidden_size=4096, image_size=336,
+        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, hidden_act="silu", rms_norm_eps=1e-5,
+    )
+
+
+def _glm4v_9b() -> "PretrainedConfig":
+    # zai-org/GLM-4.1V-9B-Thinking: the ViT, whose 2 x 2 conv and merger make one token per
+    # 28 x 28 px, and the GLM-4-9B decoder (2 key/value heads, half of each head rotated, M-RoPE
+    # sections 8/12/12).
+    from transformers import Glm4vConfig
+
+    return Glm4vConfig(
+        vision_config=_glm_vision(merger_width=13696),
+        text_config=dict(
+            hidden_size=4096, intermediate_size=13696, num_hidden_layers=40, num_attention_heads=32,
+            num_key_value_heads=2, vocab_size=151552, max_position_embeddings=65536, rms_norm_eps=1e-5,
+            pad_token_id=151329,
+            rope_parameters={
+                "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12], "partial_rotary_factor": 0.5,
+            },
+        ),
+        **_GLM_IDS,
+        image_token_id=151343, video_token_id=151344,
+    )
+
+
+def _glm4_5v() -> "PretrainedConfig":
+    # zai-org/GLM-4.5V (106B, 12B active): GLM-4.1V's tower and the GLM-4.5-Air decoder, 46 layers of
+    # 96 query and 8 key/value heads of 128, the first dense, then 128 routed experts (8 per
+    # token) and a shared one of width 1408.
+    from transformers import Glm4vMoeConfig
+
+    return Glm4vMoeConfig(
+        vision_config=_glm_vision(merger_width=10944),
+        text_config=dict(
+            hidden_size=4096, intermediate_size=10944, num_hidden_layers=46, num_attention_heads=96,
+            num_key_value_heads=8, head_dim=128, vocab_size=151552, max_position_embeddings=65536, rms_norm_eps=1e-5,
+            attention_bias=True, moe_intermediate_size=1408, n_routed_experts=128, num_experts_per_tok=8,
+            n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, norm_topk_prob=True,
+            pad_token_id=151329,
+            rope_parameters={
+                "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12], "partial_rotary_factor": 0.5,
+            },
+        ),
+        **_GLM_IDS,
+        image_token_id=151363, video_token_id=151364,
+    )
+
+
+def _tiny_glm4_5v() -> "PretrainedConfig":
+    # GLM-4.5V's structure (a dense first layer, then experts) at CI sizes.
+    from transformers import Glm4vMoeConfig
+
+    return Glm4vMoeConfig(
+        vision_config=dict(
+            depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128, image_size=112,
+            patch_size=14,
+        ),
+        text_config=dict(
+            _TINY_TEXT, head_dim=32, moe_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2,
+            n_shared_experts=1, first_k_dense_replace=1, bos_token_id=1, eos_token_id=2,
+            rope_parameters={
+                "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "partial_rotary_factor": 0.5,
+            },
+        ),
+        image_token_id=500, video_token_id=501, image_start_token_id=502, image_end_token_id=503,
+        video_start_token_id=504, video_end_token_id=505,
+    )
+
+
+def _qwen3_5_35b_a3b() -> "PretrainedConfig":
+    # Qwen/Qwen3.5-35B-A3B: Qwen3-VL's 27-block ViT, and a hybrid decoder of 40 layers (three
+    # gated-delta-rule layers to each gated softmax one), every layer 256 experts (8 per token) of
+    # width 512 plus a gated shared expert.
+    from transformers import Qwen3_5MoeConfig
+
+    return Qwen3_5MoeConfig(
+        vision_config=dict(
+            depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=2048, patch_size=16,
+            spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304, hidden_act="gelu_pytorch_tanh",
+        ),
+        text_config=dict(
+            hidden_size=2048, num_hidden_layers=40, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+            vocab_size=248320, max_position_embeddings=262144, rms_norm_eps=1e-6, linear_conv_kernel_dim=4,
+            linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32,
+            moe_intermediate_size=512, shared_expert_intermediate_size=512, num_experts=256, num_experts_per_tok=8,
+            full_attention_interval=4,
+            rope_parameters={
+                "rope_type": "default", "rope_theta": 10000000.0, "mrope_section": [11, 11, 10],
+                "mrope_interleaved": True, "partial_rotary_factor": 0.25,
+            },
+        ),
+        image_token_id=248056, video_token_id=248057, vision_start_token_id=248053, vision_end_token_id=248054,
+    )
+
+
+def _tiny_qwen3_5_moe() -> "PretrainedConfig":
+    # Qwen3.5-MoE's structure (gated-delta-rule and gated softmax layers, experts everywhere) at CI sizes.
+    from transformers import Qwen3_5MoeConfig
+
+    return Qwen3_5MoeConfig(
+        vision_config=dict(
+            depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128, patch_size=14,
+            num_position_embeddings=64,
+        ),
+        text_config=dict(
+            _TINY_TEXT, pad_token_id=None, bos_token_id=1, eos_token_id=2, head_dim=32, linear_key_head_dim=16,
+            linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, moe_intermediate_size=64,
+            shared_expert_intermediate_size=64, num_experts=8, num_experts_per_tok=2, full_attention_interval=2,
+            rope_parameters={
+                "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True,
+                "partial_rotary_factor": 0.25,
+            },
+        ),
+        image_token_id=500, video_token_id=501, vision_start_token_id=502, vision_end_token_id=503,
+    )
+
+
+_GLM_IDS = dict(image_start_token_id=151339, image_end_token_id=151340, video_start_token_id=151341, video_end_token_id=151342)
 def _internvl3_8b() -> "PretrainedConfig":
     """OpenGVLab/InternVL3-8B-hf: InternViT-300M at 448 px (32 x 32 patches and a [CLS], last layer),
     pixel-shuffled 2 x 2 to 256 tokens a tile, and the Qwen2.5-7B decoder."""
@@ -295,11 +418,16 @@ PRESETS: dict[str, Preset] = {
         Preset("qwen3-vl-8b", "Qwen/Qwen3-VL-8B-Instruct", _qwen3_vl_8b),
         Preset("llava-onevision-7b", "llava-hf/llava-onevision-qwen2-7b-ov-hf", _onevision_7b),
         Preset("gemma-3-4b", "google/gemma-3-4b-it", _gemma3_4b),
+        Preset("glm-4.1v-9b", "zai-org/GLM-4.1V-9B-Thinking", _glm4v_9b),
+        Preset("glm-4.5v", "zai-org/GLM-4.5V", _glm4_5v),
+        Preset("qwen3.5-35b-a3b", "Qwen/Qwen3.5-35B-A3B", _qwen3_5_35b_a3b),
         Preset("internvl3-8b", "OpenGVLab/InternVL3-8B-hf", _internvl3_8b),
         Preset("idefics3-8b", "HuggingFaceM4/Idefics3-8B-Llama3", _idefics3_8b),
         Preset("mistral-small-3.1-24b", "mistralai/Mistral-Small-3.1-24B-Instruct-2503", _mistral_small_3_1),
         Preset("tiny-llava", "", lambda: _llava(_TINY_TEXT, _TINY_VISION, image_token_id=511)),
         Preset("tiny-qwen2.5-vl", "", _tiny_qwen2_5_vl),
+        Preset("tiny-glm-4.5v", "", _tiny_glm4_5v),
+        Preset("tiny-qwen3.5-moe", "", _tiny_qwen3_5_moe),
         Preset(
             "tiny-llava-next",
             "",

@@ -166,7 +166,7 @@ class _Bench:
         llm_counted, other = split_counts(counter, self.model)
         text = self.model.config.text_config
         analytic = llm_prefill_flops(
-            text, lengths, self.settings.batch_size, gated_mlp=hasattr(self.layers[0].mlp, "gate_proj")
+            text, lengths, self.settings.batch_size, gated_mlp=_gated(self.layers[0].mlp)
         )
         return {
             "visual_tokens": lengths[0] - self.settings.text_tokens,
@@ -316,3 +316,8 @@ def _finish_row(row: dict[str, Any], full: dict[str, Any], settings: BenchSettin
         pruning_overhead_share_of_full=row["pruning_overhead_ms"] / full["prefill_ms"],
         llm_flops_ratio=full["llm_prefill_tflops_analytic"] / row["llm_prefill_tflops_analytic"],
     )
+
+
+def _gated(mlp: Any) -> bool:
+    """Whether a dense MLP has three matrices (gate, up, down; GLM fuses gate and up into one)."""
+    return hasattr(mlp, "gate_proj") or hasattr(mlp, "gate_up_proj")
