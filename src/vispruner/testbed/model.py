@@ -134,7 +134,7 @@ TESTBEDS = {"testbed": "llava", "testbed-qwen": "qwen"}
 
 
 def save_tower_for_vllm(path: Path) -> None:
-    """Rename the CLIP tower's keys in ``path/model.safetensors`` to the llava-hf layout.
+    """Rename the CLIP tower's keys in ``path/model.safetensors`` (LLaVA, LLaVA-NeXT) to the llava-hf layout.
 
     transformers 5.x saves the tower as ``vision_tower.embeddings.*``, ``vision_tower.encoder.*``;
     vLLM loads only ``vision_tower.vision_model.*`` (the layout of the llava-hf checkpoints),
@@ -143,12 +143,15 @@ def save_tower_for_vllm(path: Path) -> None:
 
     file = path / "model.safetensors"
     tensors = load_file(file)
-    prefix, wanted = "vision_tower.", "vision_tower.vision_model."
-    renamed = {
-        wanted + key[len(prefix) :] if key.startswith(prefix) and not key.startswith(wanted) else key: value
-        for key, value in tensors.items()
-    }
+    renamed = {_vllm_tower_key(key): value for key, value in tensors.items()}
     save_file(renamed, file, metadata={"format": "pt"})
+
+
+def _vllm_tower_key(key: str) -> str:
+    before, tower, after = key.partition("vision_tower.")
+    if not tower or after.startswith("vision_model."):
+        return key
+    return f"{before}vision_tower.vision_model.{after}"
 
 
 def testbed_weights(name: str) -> Path:
