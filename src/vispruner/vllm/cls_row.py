@@ -15,23 +15,15 @@ import torch
 from torch import nn
 
 from ..adapters.attention_row import head_averaged_row
+from ..adapters.cls_attention import ClsAttentionCapture
 
 
-class QkvClsCapture:
-    """Within a ``with`` block, records the [CLS]-to-patch attention of vLLM's ``attention``.
+class QkvClsCapture(ClsAttentionCapture):
+    """Within a ``with`` block, records the [CLS]-to-patch attention of vLLM's ``attention``
+    (``scores()`` and ``keys()`` as :class:`~vispruner.adapters.cls_attention.ClsAttentionCapture`
+    gives them, over all heads), from its fused ``qkv_proj``."""
 
-    After the tower ran inside the block:
-        ``scores()``: (B, N) float32 attention of [CLS] to the N patches, averaged over all heads
-        (softmax over [CLS] and the patches, as the layer computes it).
-        ``keys()``: (B, N, H, d) the patches' keys per head (only if ``keep_keys``).
-    """
-
-    def __init__(self, attention: nn.Module, keep_keys: bool) -> None:
-        self.attention = attention
-        self._keep_keys = keep_keys
-        self._scores: torch.Tensor | None = None
-        self._keys: torch.Tensor | None = None
-        self._handle: Any = None
+    _handle: Any = None
 
     def __enter__(self) -> "QkvClsCapture":
         self._handle = self.attention.qkv_proj.register_forward_hook(self._on_qkv)
@@ -56,13 +48,4 @@ class QkvClsCapture:
                 scores = tensor_model_parallel_all_reduce(scores)
                 per_head = tensor_model_parallel_all_gather(per_head.contiguous(), dim=2) if self._keep_keys else None
             self._scores = (scores / attention.num_heads)[:, 1:]
-            self._keys = per_head[:, 1:] if self._keep_keys else None
-
-    def scores(self) -> torch.Tensor:
-        if self._scores is None:
-            raise RuntimeError("the vision layer whose [CLS] attention was to be captured did not run")
-        return self._scores
-
-    def keys(self) -> torch.Tensor | None:
-        self.scores()
-        return self._keys
+            self._patch_keys = per_head[:, 1:] if self._keep_keys else None
