@@ -360,7 +360,9 @@ class VisionStagePruner:
             def on_features(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
                 features = tap.features(inputs)
                 projected = tap.project(inputs) if "projected" in needs else None
-                keep, important, replaced = self._select(items, features, tap.attention(), tap.keys(), projected)
+                keep, important, replaced = select_tokens(
+                    self.settings, items, features, tap.attention(), tap.keys(), projected, self.family.shared_piece_budget
+                )
                 chosen.update(keep=keep, important=important)
                 return None if replaced is None else tap.substitute(inputs, replaced.to(features.dtype))
 
@@ -395,72 +397,6 @@ class VisionStagePruner:
             setattr(image, KEEP, mask.to(image.device))
             setattr(image, SELECTION, selection)
         return output
-
-    def _select(
-        self,
-        items: list[Item],
-        features: torch.Tensor,
-        scores: torch.Tensor | None,
-        keys: torch.Tensor | None,
-        projected: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Run the method on (T, C) features; return (T,) keep, important and (T, C) features.
-
-        The budget's unit is a piece (``budget="per_crop"``) or a whole item (``"per_image"``,
-        its pieces stacked vertically into one grid, so the method spends the budget where the
-        item needs it). Units of equal size, grid and budget share one batch.
-        """
-        settings = self.settings
-        units: dict[tuple[int, tuple[int, int] | None, int], list[int]] = {}
-        start = 0
-        for item in items:
-            grids = item.grids
-            if settings.budget == "per_crop":
-                if self.family.shared_piece_budget and settings.keep_ratio is None:
-                    budgets = shared_tokens(settings.num_tokens, item.pieces)
-                elif settings.keep_ratio is None:
-                    budgets = [settings.num_tokens * crops for crops in item.crops or (1,) * len(grids)]
-                else:
-                    budgets = [settings.tokens_for(rows * cols) for rows, cols in grids]
-                for (rows, cols), budget in zip(grids, budgets):
-                    units.setdefault((rows * cols, (rows, cols), budget), []).append(start)
-                    start += rows * cols
-            else:
-                # The pieces stacked vertically: one grid when their widths agree.
-                grid = (sum(rows for rows, _ in grids), grids[0][1]) if len({c for _, c in grids}) == 1 else None
-                units.setdefault((item.size, grid, settings.tokens_for(item.size)), []).append(start)
-                start += item.size
-
-        keep = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
-        important = None
-        replaced = None
-        for (size, grid, budget), starts in units.items():
-            offsets = torch.arange(size, device=features.device)
-            index = (torch.tensor(starts, device=features.device).unsqueeze(1) + offsets).flatten()
-            count = len(starts)
-
-            def gather(values: torch.Tensor | None) -> torch.Tensor | None:
-                return None if values is None else values[index].reshape(count, size, *values.shape[1:])
-
-            signals = VisionSignals(
-                features=gather(features),
-                attention=gather(scores),
-                keys=gather(keys),
-                grid=grid,
-                projected=gather(projected),
-            )
-            with torch.no_grad():
-                selection = settings.method.select(signals, budget, **settings.options)
-            keep[index] = selection.keep.flatten()
-            if selection.important is not None:
-                if important is None:
-                    important = torch.zeros_like(keep)
-                important[index] = selection.important.flatten()
-            if selection.features is not None:
-                if replaced is None:
-                    replaced = features.clone()
-                replaced[index] = selection.features.reshape(count * size, -1).to(features.dtype)
-        return keep, important, replaced
 
     # -- language side ---------------------------------------------------------------------
 
@@ -665,6 +601,73 @@ def refuse_wrong_repeats(model: nn.Module, family: Family, arguments: dict[str, 
             f"{name}={count} with a prompt holding several images or a video is refused on {family.name}: "
             f"{family.repeats_wrongly}; give such prompts one image each, or generate one sequence per prompt"
         )
+
+
+def select_tokens(
+    settings: Settings,
+    items: list[Item],
+    features: torch.Tensor,
+    scores: torch.Tensor | None,
+    keys: torch.Tensor | None,
+    projected: torch.Tensor | None,
+    shared_piece_budget: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Run the method on (T, C) features; return (T,) keep, important and (T, C) features.
+
+    The budget's unit is a piece (``budget="per_crop"``) or a whole item (``"per_image"``,
+    its pieces stacked vertically into one grid, so the method spends the budget where the
+    item needs it). Units of equal size, grid and budget share one batch.
+    """
+    units: dict[tuple[int, tuple[int, int] | None, int], list[int]] = {}
+    start = 0
+    for item in items:
+        grids = item.grids
+        if settings.budget == "per_crop":
+            if shared_piece_budget and settings.keep_ratio is None:
+                budgets = shared_tokens(settings.num_tokens, item.pieces)
+            elif settings.keep_ratio is None:
+                budgets = [settings.num_tokens * crops for crops in item.crops or (1,) * len(grids)]
+            else:
+                budgets = [settings.tokens_for(rows * cols) for rows, cols in grids]
+            for (rows, cols), budget in zip(grids, budgets):
+                units.setdefault((rows * cols, (rows, cols), budget), []).append(start)
+                start += rows * cols
+        else:
+            # The pieces stacked vertically: one grid when their widths agree.
+            grid = (sum(rows for rows, _ in grids), grids[0][1]) if len({c for _, c in grids}) == 1 else None
+            units.setdefault((item.size, grid, settings.tokens_for(item.size)), []).append(start)
+            start += item.size
+
+    keep = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
+    important = None
+    replaced = None
+    for (size, grid, budget), starts in units.items():
+        offsets = torch.arange(size, device=features.device)
+        index = (torch.tensor(starts, device=features.device).unsqueeze(1) + offsets).flatten()
+        count = len(starts)
+
+        def gather(values: torch.Tensor | None) -> torch.Tensor | None:
+            return None if values is None else values[index].reshape(count, size, *values.shape[1:])
+
+        signals = VisionSignals(
+            features=gather(features),
+            attention=gather(scores),
+            keys=gather(keys),
+            grid=grid,
+            projected=gather(projected),
+        )
+        with torch.no_grad():
+            selection = settings.method.select(signals, budget, **settings.options)
+        keep[index] = selection.keep.flatten()
+        if selection.important is not None:
+            if important is None:
+                important = torch.zeros_like(keep)
+            important[index] = selection.important.flatten()
+        if selection.features is not None:
+            if replaced is None:
+                replaced = features.clone()
+            replaced[index] = selection.features.reshape(count * size, -1).to(features.dtype)
+    return keep, important, replaced
 
 
 def _by_piece(flags: torch.Tensor, item: Item) -> torch.Tensor:

@@ -35,6 +35,7 @@ class Llava:
 
     def save(self, model: Any, processor: Any, out: Path) -> None:
         model.save_pretrained(out)
+        llava.save_tower_for_vllm(out)
         processor.save_pretrained(out)
 
     def pixels(self, processor: Any, scenes: list[Scene]) -> dict[str, torch.Tensor]:

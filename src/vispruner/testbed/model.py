@@ -35,9 +35,12 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def build_tokenizer(special: tuple[str, ...] = SPECIAL) -> Any:
+def build_tokenizer(special: tuple[str, ...] = SPECIAL, named: dict[str, str] | None = None) -> Any:
     """A word-level fast tokenizer over the question vocabulary (lower-cases, splits punctuation),
-    with the ``special`` tokens first (``<pad>``, ``<s>``, ``</s>``, ``<unk>``, then placeholders)."""
+    with the ``special`` tokens first (``<pad>``, ``<s>``, ``</s>``, ``<unk>``, then placeholders).
+
+    ``named``: the placeholders a processor finds by attribute (default ``image_token`` only);
+    saved in ``tokenizer_config.json``, where vLLM's processors look for them too."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -57,7 +60,7 @@ def build_tokenizer(special: tuple[str, ...] = SPECIAL) -> Any:
         eos_token="</s>",
         pad_token="<pad>",
         unk_token="<unk>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens=named or {"image_token": IMAGE_TOKEN},
         padding_side="left",
         model_max_length=256,
     )
@@ -128,6 +131,27 @@ def build_model(processor: LlavaProcessor, seed: int = 0) -> LlavaForConditional
 #: Names of the bundled testbeds, as ``--model`` takes them, and their architectures
 #: (:data:`vispruner.testbed.architectures.ARCHITECTURES`, ``train.py --arch``).
 TESTBEDS = {"testbed": "llava", "testbed-qwen": "qwen"}
+
+
+def save_tower_for_vllm(path: Path) -> None:
+    """Rename the CLIP tower's keys in ``path/model.safetensors`` (LLaVA, LLaVA-NeXT) to the llava-hf layout.
+
+    transformers 5.x saves the tower as ``vision_tower.embeddings.*``, ``vision_tower.encoder.*``;
+    vLLM loads only ``vision_tower.vision_model.*`` (the layout of the llava-hf checkpoints),
+    which transformers maps back on load, so the checkpoint serves both."""
+    from safetensors.torch import load_file, save_file
+
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    renamed = {_vllm_tower_key(key): value for key, value in tensors.items()}
+    save_file(renamed, file, metadata={"format": "pt"})
+
+
+def _vllm_tower_key(key: str) -> str:
+    before, tower, after = key.partition("vision_tower.")
+    if not tower or after.startswith("vision_model."):
+        return key
+    return f"{before}vision_tower.vision_model.{after}"
 
 
 def testbed_weights(name: str) -> Path:

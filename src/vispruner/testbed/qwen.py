@@ -66,7 +66,9 @@ def assemble_processor(image_processor: Any, tokenizer: Any, chat_template: str)
 
 def build_processor() -> Qwen2_5_VLProcessor:
     """The processor of a fresh Qwen testbed."""
-    tokenizer = build_tokenizer(special=(*SPECIAL, VIDEO_TOKEN))
+    # video_token named too: without it vLLM's processor falls back to Qwen's "<|video_pad|>",
+    # which is not in this vocabulary.
+    tokenizer = build_tokenizer(special=(*SPECIAL, VIDEO_TOKEN), named={"image_token": IMAGE_TOKEN, "video_token": VIDEO_TOKEN})
     return assemble_processor(build_image_processor(), tokenizer, CHAT_TEMPLATE)
 
 

@@ -1,0 +1,72 @@
+"""What ``hf_overrides={"vispruner": {...}}`` asks of an engine, checked as :func:`vispruner.apply` checks it.
+
+Pure Python and the library's own checks: no vLLM import, so the checks are testable anywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..adapters.vision_stage import Settings
+
+#: The HF config attribute that ``hf_overrides={"vispruner": {...}}`` sets.
+KEY = "vispruner"
+#: config.model_type -> the family the plugin serves (the library's name for it).
+SERVED = {"llava": "LLaVA-1.5 (LlavaForConditionalGeneration)", "llava_next": "LLaVA-NeXT (LlavaNextForConditionalGeneration)"}
+
+
+def requested(hf_config: Any) -> dict[str, Any] | None:
+    """The ``vispruner`` override of ``hf_config`` (None: pruning not asked)."""
+    return getattr(hf_config, KEY, None)
+
+
+def settings_for(hf_config: Any) -> Settings | None:
+    """The checked settings asked by ``hf_config``'s ``vispruner`` override, or None if absent.
+
+    ``ValueError``/``TypeError`` with :func:`vispruner.apply`'s message for a bad option, for a
+    family the plugin does not serve, and for what vLLM cannot run (FastV, original positions).
+    """
+    asked = requested(hf_config)
+    if asked is None:
+        return None
+    if not isinstance(asked, dict):
+        raise ValueError(
+            f'hf_overrides["{KEY}"] must be a dict of vispruner.apply options, e.g. '
+            f'{{"method": "vispruner", "num_tokens": 64}}; got {asked!r}'
+        )
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in SERVED:
+        raise TypeError(
+            f"vispruner's vLLM plugin prunes {', '.join(SERVED.values())}; got a {model_type!r} model "
+            f'(leave hf_overrides["{KEY}"] unset to serve it unpruned)'
+        )
+    vision = getattr(getattr(hf_config, "vision_config", None), "model_type", None)
+    layer, strategy = getattr(hf_config, "vision_feature_layer", None), getattr(hf_config, "vision_feature_select_strategy", None)
+    if vision != "clip_vision_model" or not isinstance(layer, int) or strategy != "default":
+        raise TypeError(
+            "vispruner's vLLM plugin needs a CLIP vision tower whose features come from one layer with [CLS] "
+            f"dropped (vision_feature_layer an int, vision_feature_select_strategy='default'); got a {vision!r} "
+            f"tower, {layer!r} and {strategy!r}"
+        )
+    from ..adapters import family_of_type
+    from ..api import check_arguments
+
+    settings = check_arguments(**asked, family=family_of_type(model_type))
+    if settings.method.stage != "vision":
+        raise ValueError(
+            f"method {settings.method.name!r} prunes inside the language model, between its layers; vLLM's "
+            "model runner gives a plugin no way in there (its attention kernels and KV cache are vLLM's). "
+            "Choose a vision-stage method: " + ", ".join(vision_methods())
+        )
+    if settings.positions != "compacted":
+        raise ValueError(
+            f"positions={settings.positions!r} is not supported in vLLM: vLLM numbers LLaVA's prompt tokens "
+            "0, 1, 2, ... itself; leave positions unset (compacted)"
+        )
+    return settings
+
+
+def vision_methods() -> list[str]:
+    from ..methods import available_methods, get_method
+
+    return [name for name in available_methods() if get_method(name).stage == "vision"]

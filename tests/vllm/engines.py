@@ -1,0 +1,183 @@
+"""vLLM engines and the library's transformers path on the same requests, for the plugin's tests.
+
+Import this only after ``pytest.importorskip("vllm")``.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from PIL import Image
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+)
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+import vispruner
+from vispruner.testbed.model import WEIGHTS, save_tower_for_vllm
+from vispruner.testbed.scenes import held_out
+from tests.tiny_models import random_images, tiny_tokenizer
+
+#: Tiny LLaVA-NeXT: crops of 56 px in 14 px patches (16 per crop), anyres up to 2 x 2 crops.
+NEXT_CROP, NEXT_PATCH = 56, 14
+NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
+
+
+@dataclass
+class Request:
+    prompt: str
+    images: list[Image.Image]
+
+
+@dataclass
+class Result:
+    tokens: list[int]
+    logprobs: list[float]
+    prompt_length: int
+    #: Per image, the kept patch indices of each crop.
+    kept: list[list[list[int]]] = field(default_factory=list)
+
+
+def scene_requests(count: int, start: int = 0) -> list[Request]:
+    """Held-out testbed questions (prompts of different lengths), one image each."""
+    samples = held_out(start + count)[start:]
+    return [Request(f"USER: {s.question.text} <image> ASSISTANT:", [s.scene.render()]) for s in samples]
+
+
+def save_tiny_next(path: Path, seed: int = 0) -> Path:
+    """A random tiny LLaVA-NeXT saved as vLLM and transformers load it (language head size 32, which
+    vLLM's CPU attention supports; the library's own tiny models use 8)."""
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            image_size=NEXT_CROP, patch_size=NEXT_PATCH, projection_dim=32, initializer_factor=4.0,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=48, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            initializer_range=0.2,
+        ),
+        image_token_id=4, vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=0,
+        image_grid_pinpoints=NEXT_PINPOINTS,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.model.image_newline.normal_()
+    model.save_pretrained(path)
+    save_tower_for_vllm(path)
+    images = LlavaNextImageProcessorPil(
+        size={"shortest_edge": NEXT_CROP}, crop_size={"height": NEXT_CROP, "width": NEXT_CROP}, image_grid_pinpoints=NEXT_PINPOINTS
+    )
+    processor = LlavaNextProcessor(
+        image_processor=images, tokenizer=tiny_tokenizer(), patch_size=NEXT_PATCH,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(path)
+    return path
+
+
+def next_requests(sizes: list[list[tuple[int, int]]], seed: int = 0) -> list[Request]:
+    """Prompts of different lengths over the tiny vocabulary, with images of the given (h, w)."""
+    requests = []
+    for index, image_sizes in enumerate(sizes):
+        words = " ".join(f"w{5 + (index * 7 + j) % 40}" for j in range(2 + index % 3))
+        tags = " ".join("<image>" for _ in image_sizes)
+        requests.append(Request(f"{words} {tags} w{6 + index}", random_images(image_sizes, seed + index)))
+    return requests
+
+
+@contextmanager
+def engine(model: Path | str = WEIGHTS, vispruner_options: dict | None = None, **kwargs: Any) -> Iterator[Any]:
+    from vllm import LLM
+
+    options = dict(
+        model=str(model), dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
+        limit_mm_per_prompt={"image": 3}, max_num_seqs=8,
+    )
+    options.update(kwargs)
+    if vispruner_options is not None:
+        options["hf_overrides"] = {"vispruner": vispruner_options}
+    llm = LLM(**options)
+    try:
+        yield llm
+    finally:
+        del llm
+        gc.collect()
+
+
+def vllm_results(llm: Any, requests: list[Request], max_tokens: int = 4) -> list[Result]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=1)  # stops at EOS, as generate() does
+    prompts = [{"prompt": r.prompt, "multi_modal_data": {"image": r.images if len(r.images) > 1 else r.images[0]}} for r in requests]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    results = []
+    for output in outputs:
+        done = output.outputs[0]
+        logprobs = [step[token].logprob for step, token in zip(done.logprobs, done.token_ids)]
+        results.append(Result(list(done.token_ids), logprobs, len(output.prompt_token_ids)))
+    return results
+
+
+def vllm_kept(llm: Any) -> list[list[list[int]]]:
+    """Per image of the engine's last pruned vision call, the kept patch indices of each crop."""
+    (last,) = llm.apply_model(lambda model: [[row.tolist() for row in s.indices] for s in model.vispruner_last])
+    return last
+
+
+def load_reference(path: Path | str = WEIGHTS) -> tuple[Any, Any]:
+    model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(path, local_files_only=True)
+
+
+def library_results(model: Any, processor: Any, requests: list[Request], options: dict | None, max_tokens: int = 4) -> list[Result]:
+    """The library's transformers path, one request at a time, greedy, with raw log-probs."""
+    if options is None:
+        vispruner.remove(model)
+    else:
+        vispruner.apply(model, **options)
+    config = copy.deepcopy(model.generation_config)
+    config.update(do_sample=False, max_new_tokens=max_tokens, eos_token_id=None,
+                  output_logits=True, return_dict_in_generate=True, num_beams=1)
+    results = []
+    for request in requests:
+        inputs = processor(images=request.images, text=[request.prompt], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, generation_config=config)
+        new = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+        logprobs = [torch.log_softmax(step[0].float(), -1)[token].item() for step, token in zip(out.logits, new)]
+        if options is None:
+            length, kept = inputs["input_ids"].shape[1], []
+        else:
+            pruner = vars(model)["_vispruner"]
+            length = int(pruner.last_tokens.sum())
+            kept = [[row.tolist() for row in s.indices] for s in vispruner.last_selection(model)]
+        results.append(Result(new, logprobs, length, kept))
+    vispruner.remove(model)
+    return results
+
+
+def assert_same(got: list[Result], want: list[Result], tolerance: float = 1e-4) -> None:
+    for index, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.prompt_length == w.prompt_length, (index, g.prompt_length, w.prompt_length)
+        assert g.tokens == w.tokens, (index, g.tokens, w.tokens)
+        gap = max(abs(a - b) for a, b in zip(g.logprobs, w.logprobs, strict=True))
+        assert gap <= tolerance, (index, gap, g.logprobs, w.logprobs)
+
+
+def dump(results: list[Result]) -> str:
+    return json.dumps([r.__dict__ for r in results])

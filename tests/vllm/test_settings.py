@@ -1,0 +1,71 @@
+"""The override's checks (no vLLM needed: these run in the main suite too): the messages are
+vispruner.apply's own, and what vLLM cannot run is refused with the reason."""
+
+import pytest
+from transformers import LlavaConfig, Qwen2_5_VLConfig
+
+import vispruner
+from vispruner.vllm.settings import settings_for
+from tests.tiny_models import tiny_llava, tiny_llava_next
+
+
+def _config(model, options):
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    if options is not None:
+        config.vispruner = options
+    return config
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"num_tokens": 0},
+        {"num_tokens": 2.5},
+        {"keep_ratio": 0.0},
+        {"num_tokens": 8, "keep_ratio": 0.5},
+        {"method": "nope"},
+        {"method": "random", "seed": -1},
+        {"method": "fastervlm", "important_ratio": 0.3},
+        {"method": "vispruner", "dominant": 3},
+        {"budget": "per_video"},
+    ],
+)
+@pytest.mark.parametrize("build", [tiny_llava, tiny_llava_next])
+def test_bad_option_gets_apply_message(build, options):
+    model = build()
+    with pytest.raises((ValueError, TypeError)) as from_apply:
+        vispruner.apply(model, **options)
+    with pytest.raises(type(from_apply.value)) as from_override:
+        settings_for(_config(model, options))
+    assert str(from_override.value) == str(from_apply.value)
+
+
+def test_no_override_means_no_pruning():
+    assert settings_for(LlavaConfig()) is None
+
+
+def test_good_options_give_apply_settings():
+    settings = settings_for(_config(tiny_llava_next(), {"method": "pooling", "keep_ratio": 0.25, "budget": "per_image"}))
+    assert (settings.method.name, settings.keep_ratio, settings.budget, settings.num_tokens) == ("pooling", 0.25, "per_image", None)
+
+
+def test_fastv_refused_with_reason():
+    with pytest.raises(ValueError, match="prunes inside the language model.*divprune, fastervlm, pooling, random, visionzip, vispruner"):
+        settings_for(_config(tiny_llava(), {"method": "fastv", "num_tokens": 8}))
+
+
+def test_original_positions_refused():
+    with pytest.raises(ValueError, match="positions='original' is not supported in vLLM"):
+        settings_for(_config(tiny_llava(), {"positions": "original"}))
+
+
+def test_unserved_family_named():
+    config = Qwen2_5_VLConfig()
+    config.vispruner = {"num_tokens": 8}
+    with pytest.raises(TypeError, match=r"prunes LLaVA-1\.5 \(LlavaForConditionalGeneration\), LLaVA-NeXT .*got a 'qwen2_5_vl' model"):
+        settings_for(config)
+
+
+def test_not_a_dict_refused():
+    with pytest.raises(ValueError, match='hf_overrides\\["vispruner"\\] must be a dict'):
+        settings_for(_config(tiny_llava(), 64))
