@@ -35,8 +35,16 @@ def test_unpruned_engine_is_vllm_own(reference, requests):
     assert_same(got, want)
 
 
-@pytest.mark.parametrize("num_tokens", [64, 16, 4])
-@pytest.mark.parametrize("method", METHODS)
+#: Each engine start costs 5-15 s: CI runs every method at K=16 and VisPruner at every K; the
+#: rest is marked slow (`-m slow` runs it).
+CASES = [
+    pytest.param(method, k, marks=() if method == "vispruner" or k == 16 else pytest.mark.slow)
+    for method in METHODS
+    for k in (64, 16, 4)
+]
+
+
+@pytest.mark.parametrize(("method", "num_tokens"), CASES)
 def test_method_matches_library(reference, requests, method, num_tokens):
     options = {"method": method, "num_tokens": num_tokens}
     want = library_results(*reference, requests, options)

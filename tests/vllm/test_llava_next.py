@@ -40,7 +40,12 @@ def reference(tiny_next):
 @pytest.mark.parametrize(
     "options",
     [
-        *({"method": m, "num_tokens": k} for m in METHODS for k in (16, 4)),
+        # K=4 only for VisPruner in CI (each engine start costs 5-15 s; `-m slow` runs the rest).
+        *(
+            pytest.param({"method": m, "num_tokens": k}, marks=() if k == 16 or m == "vispruner" else pytest.mark.slow)
+            for m in METHODS
+            for k in (16, 4)
+        ),
         {"method": "vispruner", "num_tokens": 6, "budget": "per_image"},
         {"method": "pooling", "num_tokens": 6, "budget": "per_image"},
         {"method": "visionzip", "keep_ratio": 0.3},
