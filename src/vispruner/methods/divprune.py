@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _native
 from ._checks import check_features, check_num_tokens, require_signal
 from .base import Method, Selection, VisionSignals, register
 
@@ -33,17 +34,21 @@ def divprune_selection(features: torch.Tensor, num_tokens: int) -> Selection:
     features = check_features(features)
     batch, tokens, _ = features.shape
     num_keep = min(check_num_tokens(num_tokens), tokens)
-    keep = torch.zeros(batch, tokens, dtype=torch.bool, device=features.device)
     if num_keep == tokens:
-        return Selection(keep=keep.fill_(True))
+        return Selection(keep=torch.ones(batch, tokens, dtype=torch.bool, device=features.device))
 
     unit = torch.nn.functional.normalize(features.float(), dim=-1)
     # Largest distance = smallest similarity: work on similarities and skip forming 1 - s.
     similarity = torch.bmm(unit, unit.transpose(1, 2))
     # A token is not its own neighbour; the diagonal is never read again for an unchosen token.
     similarity.diagonal(dim1=1, dim2=2).fill_(-torch.inf)
-    rows = torch.arange(batch, device=features.device)
     first = similarity.amax(dim=2).argmin(dim=1)  # N >= 2 here: every token has a neighbour
+    native = _native.library() if features.device.type == "cpu" else None
+    if native is not None:
+        # The whole loop in one call: the same comparisons on the same similarity.
+        return Selection(keep=_native.greedy_max_min(native, similarity, first, num_keep))
+    rows = torch.arange(batch, device=features.device)
+    keep = torch.zeros(batch, tokens, dtype=torch.bool, device=features.device)
     keep[rows, first] = True
     nearest = similarity[rows, first]  # (B, N): similarity of each token to its nearest chosen one
     for _ in range(num_keep - 1):

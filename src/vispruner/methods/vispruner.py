@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
+from . import _native
 from ._checks import check_attention, check_features, check_num_tokens, check_ratio, require_signal
 from .base import Method, Selection, VisionSignals, register
 
@@ -78,12 +79,11 @@ def vispruner_selection(
     order = torch.argsort(scores, dim=1, descending=True)
     important = order[:, :num_important]
     residual = order[:, num_important:]
-    diverse = torch.cat(
-        [
-            _remove_duplicates(features[rows], residual[rows], num_diverse)
-            for rows in _batch_chunks(features, residual.shape[1])
-        ]
-    )
+    parts = [
+        _remove_duplicates(features[rows], residual[rows], num_diverse)
+        for rows in _batch_chunks(features, residual.shape[1])
+    ]
+    diverse = parts[0] if len(parts) == 1 else torch.cat(parts)
 
     keep = torch.zeros(batch, tokens, dtype=torch.bool, device=features.device)
     keep.scatter_(1, important, True)
@@ -124,6 +124,11 @@ def _remove_duplicates(features: torch.Tensor, residual: torch.Tensor, budget: i
     if budget == 0:
         # Nothing survives (FasterVLM, important_ratio=1): skip the similarity and the loop.
         return residual[:, :0]
+    native = _native.library() if features.device.type == "cpu" else None
+    if native is not None:
+        # The whole loop in one call, on the same similarity and partner lists: the same tokens.
+        positions = _native.remove_duplicates(native, residual_similarity(features, residual), budget)
+        return torch.gather(residual, 1, positions)
     partners = _Partners(residual_similarity(features, residual))
     # ``members`` (B, L): the tokens of ``residual`` that ``partners`` covers; ``order`` lists
     # them (by ``partners``' flat numbering) in the published order.
