@@ -29,23 +29,28 @@ void sort_descending(std::vector<Scored>& items, int64_t count) {
 // Similar tokens listed per token (as vispruner.PARTNERS).
 constexpr int64_t PARTNERS = 16;
 
-// Each token's `count` most similar other tokens of the (length, length) `matrix`, by
-// descending similarity, into `table` (length, count); count <= length - 1. Which of tied
-// tokens is listed does not matter: any token not listed is no more similar than the last one.
-void list_partners(const float* matrix, int64_t length, int64_t count, std::vector<Scored>& table) {
-    for (int64_t token = 0; token < length; ++token) {
+// For each token of `members` (size m), its `count` most similar other members by descending
+// similarity (a row of `matrix`, length x length), into `table` at the token's row; count < m.
+// Which of tied tokens is listed does not matter: a member not listed is no more similar than
+// the last one listed.
+void list_partners(const float* matrix, int64_t length, const std::vector<int64_t>& members, int64_t m,
+                   int64_t count, std::vector<Scored>& table) {
+    for (int64_t i = 0; i < m; ++i) {
+        const int64_t token = members[i];
         const float* row = matrix + token * length;
         Scored* best = table.data() + token * count;
         int64_t filled = 0;
-        for (int64_t other = 0; other < length; ++other) {
-            if (other == token || (filled == count && !(row[other] > best[count - 1].value))) continue;
+        for (int64_t j = 0; j < m; ++j) {
+            const int64_t other = members[j];
+            const float value = row[other];
+            if (other == token || (filled == count && !(value > best[count - 1].value))) continue;
             // Insert into the descending list, dropping its last entry when full.
             int64_t at = filled < count ? filled++ : count - 1;
-            while (at > 0 && row[other] > best[at - 1].value) {
+            while (at > 0 && value > best[at - 1].value) {
                 best[at] = best[at - 1];
                 --at;
             }
-            best[at] = {row[other], other};
+            best[at] = {value, other};
         }
     }
 }
@@ -70,20 +75,25 @@ void vp_argsort_descending(const float* values, int64_t n, int64_t* out) {
 // Each step: A = even positions of the list, B = odd; each token of A scores its highest
 // similarity to B (0 when B is empty); the min(8, size - budget, |A|) highest-scoring tokens of A
 // are dropped; the next list is the rest of A in descending score, then B. A token's highest
-// similarity to B is that of its first partner (most similar tokens, listed once) in B; a
-// token with no partner in B scans B.
+// similarity to B is that of its first partner in B (its most similar listed tokens, listed
+// again whenever the list halves); a token with no partner in B scans B.
 void vp_remove_duplicates(const float* similarity, int64_t batch, int64_t length, int64_t budget, int64_t* out) {
-    const int64_t count = std::min<int64_t>(PARTNERS, length - 1);
-    std::vector<Scored> partners(length * count);
+    std::vector<Scored> partners(length * PARTNERS);
     std::vector<int64_t> list(length), next(length);
     std::vector<char> in_b(length, 0);
     std::vector<Scored> side_a((length + 1) / 2);
     for (int64_t image = 0; image < batch; ++image) {
         const float* matrix = similarity + image * length * length;
-        list_partners(matrix, length, count, partners);
         std::iota(list.begin(), list.end(), 0);
-        int64_t size = length;
+        int64_t size = length, members = 0, count = 0;
         while (size > budget) {
+            if (members == 0 || 2 * size <= members) {
+                // Partners among the tokens still listed (again whenever the list halves), so that
+                // most of a token's partners are still listed.
+                members = size;
+                count = std::min<int64_t>(PARTNERS, members - 1);
+                list_partners(matrix, length, list, members, count, partners);
+            }
             const int64_t size_a = (size + 1) / 2, size_b = size / 2;
             const int64_t drop = std::min<int64_t>({8, size - budget, size_a});
             for (int64_t j = 0; j < size_b; ++j) in_b[list[2 * j + 1]] = 1;
