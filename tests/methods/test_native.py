@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vispruner
+from vispruner.bench.timing import dispatched_ops
 from vispruner.methods import _native
 from vispruner.methods.divprune import divprune_selection
 
@@ -104,27 +105,11 @@ def test_a_sort_that_orders_ties_otherwise_is_refused():
     assert not _native._sorts_like_torch(lambda values: torch.argsort(values, descending=True, stable=True))
 
 
-class Dispatched(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the aten ops dispatched inside the ``with`` block."""
-
-    count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-def dispatched(function, *args) -> int:
-    with Dispatched() as mode:
-        function(*args)
-    return mode.count
-
-
 @needs_native
 def test_launches_do_not_grow_with_the_steps():
     features, attention = torch.randn(1, 576, 32), torch.rand(1, 16, 576)
     # 64 steps (T = 64) or 69 (T = 16) of duplicate removal: one native call, the same ops.
-    counts = {dispatched(vispruner.select, features, attention, keep, 0.5) for keep in (16, 64)}
+    counts = {dispatched_ops(lambda k=keep: vispruner.select(features, attention, k, 0.5)) for keep in (16, 64)}
     assert len(counts) == 1 and counts.pop() <= 50
-    counts = {dispatched(divprune_selection, features, keep) for keep in (8, 64)}
+    counts = {dispatched_ops(lambda k=keep: divprune_selection(features, k)) for keep in (8, 64)}
     assert len(counts) == 1 and counts.pop() <= 20

@@ -13,6 +13,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LogitsProcessor
 
 
@@ -39,6 +40,25 @@ def interleaved_medians(functions: Sequence[Callable[[], Any]], repeats: int) ->
             fn()
             bucket.append(time.perf_counter() - start)
     return [statistics.median(bucket) for bucket in times]
+
+
+class _Dispatched(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched_ops(function: Callable[[], Any]) -> int:
+    """The aten ops ``function()`` dispatches (views included), as a ``TorchDispatchMode`` sees
+    them: off the CPU, each op that is not a view is a kernel launch. Work done outside torch
+    (a native library called through ctypes) is not seen; count it separately."""
+    with _Dispatched() as mode:
+        function()
+    return mode.count
 
 
 class DecodeClock(LogitsProcessor):
