@@ -43,7 +43,7 @@ def test_bench_writes_every_key_the_table_and_the_plot(tmp_path, capsys, preset,
     assert picture.read_bytes().startswith(b"\x89PNG")
     table = capsys.readouterr().out
     assert "prefill ms" in table and all(method in table for method in methods)
-    assert "speedup         prefill ms of none / prefill ms of the row" in table  # the legend under the table
+    assert re.search(r"\n  speedup +prefill ms of none / prefill ms of the row\n", table)  # the legend under the table
 
 
 def test_reduced_depth_is_said_plainly(tmp_path, capsys):
@@ -86,3 +86,22 @@ def test_bad_arguments_name_the_argument(argv, message, capsys):
     error = capsys.readouterr().err
     assert error.startswith("vispruner bench: ") and error.count("\n") == 1
     assert re.search(message, error)
+
+
+def test_the_overhead_is_given_as_a_share_of_the_pruned_prefill_at_batch_one(tmp_path, capsys):
+    # In serving, one request at a time: what the method costs in the prefill it shortens.
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--preset", "tiny-llava", "--tokens", "16", "--methods", "vispruner", "--repeats", "1",
+            "--new-tokens", "2", "--json", str(out), "--no-progress"]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    lines = [re.split(r"\s{2,}", line.strip()) for line in capsys.readouterr().out.splitlines()]
+    titles = next(cells for cells in lines if cells[0] == "method")
+    assert len(rows) == 2
+    for row in rows:
+        assert row["batch_size"] == 1
+        share = row["pruning_overhead_ms"] / row["prefill_ms"]
+        assert row["pruning_overhead_share"] == pytest.approx(share)
+        cells = next(cells for cells in lines if cells[0] == row["method"] and len(cells) == len(titles))
+        assert cells[titles.index("% pruned prefill")] == f"{share:.2%}"
+        assert cells[titles.index("% full prefill")] == f"{row['pruning_overhead_ms'] / rows[0]['prefill_ms']:.2%}"

@@ -22,6 +22,7 @@ _COLUMNS = (
     ("decode ms/tok", "decode_ms_per_token", "{:.1f}", "mean greedy decode step, median over the repeats"),
     ("overhead ms", "pruning_overhead_ms", "{:.1f}", "of that prefill: the method's own work (selection, hooks, compaction)"),
     ("% full prefill", "pruning_overhead_share_of_full", "{:.2%}", "overhead ms / prefill ms of none"),
+    ("% pruned prefill", "pruning_overhead_share", "{:.2%}", "overhead ms / prefill ms of the row: what the method costs in the prefill it shortens"),
     ("LM TFLOPs", "llm_prefill_tflops_analytic", "{:.4g}", "language-model prefill FLOPs by formula"),
     ("counted", "llm_prefill_tflops_counted", "{:.4g}", "the same, counted by torch.utils.flop_counter"),
     ("vision TFLOPs", "vision_tflops", "{:.4g}", "counted FLOPs outside the language model"),
