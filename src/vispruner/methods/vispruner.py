@@ -50,7 +50,8 @@ def vispruner_selection(
     authors' code wherever it runs. Each token's most similar tokens are listed once (again
     whenever the list halves), so a step finds each A token's highest similarity to B in a few
     probes, exactly: the whole selection costs about as much as the similarity, O(N^2 C), not
-    O(N^3).
+    O(N^3). On the CPU the step loop runs in one native call where a C++ compiler exists
+    (:mod:`._native`; the same values and the same sort, so the same masks), else as tensor ops.
 
     Where the authors' code crashes, this keeps their rule and stays total:
       * an odd list length: A (even positions) has one token more than B, as the split gives;
