@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from vispruner.bench.timing import DecodeClock, PrefillBreakdown, hook_keys
+from vispruner.bench.timing import DecodeClock, PrefillBreakdown, dispatched_ops, hook_keys
 
 
 class Pair(torch.nn.Module):
@@ -70,3 +70,10 @@ def test_decode_clock_needs_two_tokens():
     clock.stamps = [1.0]
     with pytest.raises(ValueError, match="new_tokens must be >= 2"):
         clock.ms_per_token()
+
+
+def test_dispatched_ops_counts_each_op_once_views_included():
+    x = torch.ones(4, 4)
+    # add, a view (transpose), mul: three ops; a Python-only computation: none.
+    assert dispatched_ops(lambda: (x + 1).t() * 2) == 3
+    assert dispatched_ops(lambda: sum(range(10))) == 0
