@@ -8,12 +8,15 @@ from typing import Any
 
 import torch
 
+from ._threads import serial
+
 
 def check_finite(tensor: torch.Tensor, name: str) -> None:
     # min and max propagate NaN and expose +-inf; two reductions cost less than isfinite().all(),
     # which materialises a mask as large as the input. The two are tested as Python floats:
     # isfinite on tensors is four ops each, and each op is a kernel launch off the CPU.
-    low, high = torch.aminmax(tensor)
+    with serial(tensor.device, tensor.numel()):
+        low, high = torch.aminmax(tensor)
     if not (math.isfinite(low.item()) and math.isfinite(high.item())):
         raise ValueError(f"{name} must be finite; it contains NaN or infinite values")
 

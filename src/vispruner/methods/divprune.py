@@ -10,6 +10,7 @@ import torch
 
 from . import _native
 from ._checks import check_features, check_num_tokens, require_signal
+from ._threads import serial
 from .base import Method, Selection, VisionSignals, register
 
 
@@ -37,12 +38,15 @@ def divprune_selection(features: torch.Tensor, num_tokens: int) -> Selection:
     if num_keep == tokens:
         return Selection(keep=torch.ones(batch, tokens, dtype=torch.bool, device=features.device))
 
-    unit = torch.nn.functional.normalize(features.float(), dim=-1)
+    # Small inputs on one thread (see _threads; N >= 2 rows, so each norm is one thread's).
+    with serial(features.device, features.numel()):
+        unit = torch.nn.functional.normalize(features.float(), dim=-1)
     # Largest distance = smallest similarity: work on similarities and skip forming 1 - s.
     similarity = torch.bmm(unit, unit.transpose(1, 2))
-    # A token is not its own neighbour; the diagonal is never read again for an unchosen token.
-    similarity.diagonal(dim1=1, dim2=2).fill_(-torch.inf)
-    first = similarity.amax(dim=2).argmin(dim=1)  # N >= 2 here: every token has a neighbour
+    with serial(features.device, similarity.numel()):
+        # A token is not its own neighbour; the diagonal is never read again for an unchosen token.
+        similarity.diagonal(dim1=1, dim2=2).fill_(-torch.inf)
+        first = similarity.amax(dim=2).argmin(dim=1)  # N >= 2 here: every token has a neighbour
     native = _native.library() if features.device.type == "cpu" else None
     if native is not None:
         # The whole loop in one call: the same comparisons on the same similarity.

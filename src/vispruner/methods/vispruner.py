@@ -6,14 +6,13 @@ in VLMs", ICCV 2025, https://arxiv.org/abs/2412.01818
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 
 from . import _native
 from ._checks import check_attention, check_features, check_num_tokens, check_ratio, require_signal
+from ._threads import serial
 from .base import Method, Selection, VisionSignals, register
 
 #: Tokens the published duplicate removal drops per step.
@@ -141,7 +140,8 @@ def _remove_duplicates(features: torch.Tensor, residual: torch.Tensor, budget: i
             members = torch.gather(members, 1, partners.positions(order))
             partners = partners.restricted(order)
             order = partners.listed()
-        with _serial(order.device):
+        # A step is a dozen small ops: on one thread (see _threads).
+        with serial(order.device):
             while order.shape[1] > budget and 2 * order.shape[1] > partners.length:
                 order = _step(partners, order, budget)
     return torch.gather(members, 1, partners.positions(order))
@@ -159,22 +159,6 @@ def _step(partners: _Partners, order: torch.Tensor, budget: int) -> torch.Tensor
     return torch.cat([torch.gather(side_a, 1, survivors), side_b], dim=1)
 
 
-@contextlib.contextmanager
-def _serial(device: torch.device) -> Iterator[None]:
-    """Run CPU ops on the calling thread alone. A step is a dozen small ops; with several
-    threads each ends in an OpenMP barrier, and on a busy CPU every barrier waits for a core
-    (a step then costs milliseconds instead of microseconds)."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @torch.no_grad()
 def residual_similarity(features: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """The similarity VisPruner's duplicate removal reads: (B, R, R) float32 cosine similarity
@@ -184,9 +168,13 @@ def residual_similarity(features: torch.Tensor, residual: torch.Tensor) -> torch
     fixed sequence of matrix products. Matrix products of other shapes may round the last bit
     differently, so whatever must see the same values calls this function.
     """
-    unit = _rows(features, residual).float()
-    # In place: a fresh (B, R, C) buffer costs more in page faults than the division itself.
-    unit.div_(torch.linalg.vector_norm(unit, dim=-1, keepdim=True).clamp_min_(1e-12))
+    # Small inputs on one thread (see _threads). The norm qualifies: with two or more rows,
+    # torch reduces each row on one thread, whatever the thread count (checked bit for bit).
+    # The products run at the caller's thread count, as they always have.
+    with serial(features.device, residual.numel() * features.shape[2]):
+        unit = _rows(features, residual).float()
+        # In place: a fresh (B, R, C) buffer costs more in page faults than the division itself.
+        unit.div_(torch.linalg.vector_norm(unit, dim=-1, keepdim=True).clamp_min_(1e-12))
     # Symmetric: the upper half of row blocks is computed and its cross block mirrored, written
     # straight into the result so that no second (B, R, R) buffer exists.
     batch, length, _ = unit.shape
@@ -196,11 +184,12 @@ def residual_similarity(features: torch.Tensor, residual: torch.Tensor) -> torch
     # Tile by tile: a transposed copy of the whole block reads memory with a stride of a row
     # and ran 4x slower (N = 8192); tiles of 1024 beat 256 and 512, most of all on a busy CPU,
     # where each parallel copy waits for its slowest thread.
-    for row in range(0, half, MIRROR_TILE):
-        rows = slice(row, min(row + MIRROR_TILE, half))
-        for column in range(half, length, MIRROR_TILE):
-            columns = slice(column, column + MIRROR_TILE)
-            out[:, columns, rows].copy_(out[:, rows, columns].transpose(1, 2))
+    with serial(out.device, batch * half * (length - half)):
+        for row in range(0, half, MIRROR_TILE):
+            rows = slice(row, min(row + MIRROR_TILE, half))
+            for column in range(half, length, MIRROR_TILE):
+                columns = slice(column, column + MIRROR_TILE)
+                out[:, columns, rows].copy_(out[:, rows, columns].transpose(1, 2))
     torch.bmm(unit[:, half:], unit[:, half:].transpose(1, 2), out=out[:, half:, half:])
     return out
 
