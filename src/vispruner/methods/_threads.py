@@ -3,8 +3,9 @@
 An op that runs on several threads ends in an OpenMP barrier, and on a busy CPU every barrier
 waits for a core, which can take far longer than the op: beside other jobs on the 2-core
 sandbox, one aminmax over a LLaVA image's features took 24 ms on two threads and 0.3 ms on one.
-Only ops whose result does not depend on how the work is split (elementwise ops, copies,
-gathers, min and max) are run this way, so results are the same bits at any thread count.
+Only ops whose result does not depend on how the work is split are run this way (elementwise
+ops, copies, gathers, min and max, and norms over the last dimension of two or more rows, which
+torch reduces one row per thread), so results are the same bits at any thread count.
 """
 
 from __future__ import annotations
