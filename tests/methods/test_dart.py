@@ -192,8 +192,12 @@ def test_registered_method_keeps_num_tokens_per_group_with_text_after_it():
     groups[0, 3:15], groups[0, 20:30], groups[1, 10:35] = 0, 1, 0
     text = groups < 0
     text[1, :4] = False  # padding
-    keep = get_method("dart").select(DartSignals(hidden, keys, groups, text), 5).keep
+    keep = get_method("dart").select(DartSignals(hidden, keys, groups, text, torch.tensor([0, 4])), 5).keep
     assert keep[groups < 0].all()
     assert [int(keep[0, 3:15].sum()), int(keep[0, 20:30].sum()), int(keep[1, 10:35].sum())] == [5, 5, 5]
     after = torch.arange(40)[text[0] & (torch.arange(40) > 14)]
     assert torch.equal(keep[0, 3:15].nonzero().flatten() + 3, dart_keep(hidden[0], keys[0], torch.arange(3, 15), after, 5))
+    # Row 1 counts positions from its first real token, as the authors' unpadded sequence does.
+    after = torch.arange(36)[text[1, 4:] & (torch.arange(36) > 30)]
+    expected = 4 + dart_keep(hidden[1, 4:], keys[1, 4:], torch.arange(6, 31), after, 5)
+    assert torch.equal(keep[1, 10:35].nonzero().flatten() + 10, expected)

@@ -180,12 +180,16 @@ class DartSignals:
         groups: (B, L) long; tokens with the same value g >= 0 compete for one budget; -1: kept.
         text: (B, L) bool, the text tokens (not placeholders, not padding): a group's text pivots
             are chosen among those after its last token.
+        start: (B,) long, each row's first real token (left padding before it). Positions are
+            counted from there, as in the authors' unpadded batch of one: the pivots' visiting
+            order depends on their values.
     """
 
     hidden: torch.Tensor
     keys: torch.Tensor
     groups: torch.Tensor
     text: torch.Tensor
+    start: torch.Tensor
 
 
 def _from_signals(
@@ -198,13 +202,14 @@ def _from_signals(
     candidates = ~keep
     pairs = torch.stack([candidates.nonzero()[:, 0], signals.groups[candidates]], dim=1).unique(dim=0)
     for row, group in pairs.tolist():
-        members = (signals.groups[row] == group).nonzero().flatten()
-        after = signals.text[row] & (torch.arange(keep.shape[1], device=keep.device) > members[-1])
+        start = int(signals.start[row])
+        members = (signals.groups[row, start:] == group).nonzero().flatten()
+        after = signals.text[row, start:] & (torch.arange(keep.shape[1] - start, device=keep.device) > members[-1])
         kept = dart_keep(
-            signals.hidden[row].float(), signals.keys[row].float(), members, after.nonzero().flatten(), num_tokens,
-            pivot_image_tokens, pivot_text_tokens,
+            signals.hidden[row, start:].float(), signals.keys[row, start:].float(), members, after.nonzero().flatten(),
+            num_tokens, pivot_image_tokens, pivot_text_tokens,
         )
-        keep[row, kept] = True
+        keep[row, kept + start] = True
     return Selection(keep=keep)
 
 
