@@ -111,3 +111,15 @@ def test_layer_count_and_language_model_checks_name_dart():
     vispruner.apply(model, NUM_TOKENS, method="dart")
     with pytest.raises(NotImplementedError, match="dart needs a dynamic KV cache"):
         model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_beam_search_and_sampling_select_as_greedy_does(family):
+    model, inputs = model_and_inputs(family)
+    vispruner.apply(model, NUM_TOKENS, method="dart")
+    model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    greedy = [selection.keep for selection in vispruner.last_selection(model)]
+    for options in ({"num_beams": 3, "num_return_sequences": 2}, {"do_sample": True, "top_k": 5}):
+        out = model.generate(**inputs, max_new_tokens=2, **options)
+        assert out.shape[1] == inputs["input_ids"].shape[1] + 2
+        assert all(torch.equal(s.keep, g) for s, g in zip(vispruner.last_selection(model), greedy, strict=True))
