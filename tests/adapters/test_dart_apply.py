@@ -14,7 +14,7 @@ import vispruner
 from vispruner.methods.dart import dart_keep
 
 from .cases import FAMILIES
-from .reference_fastv import _causal, prompt_rows
+from .reference_fastv import fastv_greedy, pruned_logits, prompt_rows
 from .test_fastv import LAYERS, model_and_inputs, new_tokens
 
 NUM_TOKENS = 6
@@ -34,47 +34,29 @@ def dart_logits(model, embeds, groups, layer, num_tokens):
     language_model = model.model.language_model
     prompt = len(groups)
     text = text_flags(model, embeds, groups)
-    hidden, positions = embeds[None], torch.arange(len(embeds))
-    keep = torch.ones(len(embeds), dtype=torch.bool)
-    with torch.no_grad():
-        for index, block in enumerate(language_model.layers):
-            if index == layer - 1:
-                before = hidden
-            if index == layer:
-                attention = language_model.layers[layer - 1].self_attn
-                width, length = attention.head_dim, before.shape[1]
-                keys = attention.k_proj(language_model.layers[layer - 1].input_layernorm(before))
-                keys = keys.view(1, length, -1, width).transpose(1, 2)
-                cos, sin = language_model.rotary_emb(before, positions[None])
-                keys = apply_rotary_pos_emb(keys, keys, cos, sin)[0].repeat_interleave(attention.num_key_value_groups, 1)
-                keys = keys[0].transpose(0, 1).reshape(length, -1)[:prompt]
-                normed = language_model.norm(hidden)[0, :prompt]
-                for group in sorted(set(groups.tolist()) - {-1}):
-                    members = (groups == group).nonzero().flatten()
-                    after = (text & (torch.arange(prompt) > members[-1])).nonzero().flatten()
-                    keep[members] = False
-                    keep[dart_keep(normed, keys, members, after, num_tokens)] = True
-                hidden, positions = hidden[:, keep], positions[keep]
-            hidden = block(
-                hidden,
-                attention_mask=_causal(hidden.shape[1], hidden.dtype),
-                position_embeddings=language_model.rotary_emb(hidden, positions[None]),
-                position_ids=positions[None],
-            )
-        return model.lm_head(language_model.norm(hidden))[0], keep
+
+    def choose(before, hidden, positions):
+        attention = language_model.layers[layer - 1].self_attn
+        width, length = attention.head_dim, before.shape[1]
+        keys = attention.k_proj(language_model.layers[layer - 1].input_layernorm(before))
+        keys = keys.view(1, length, -1, width).transpose(1, 2)
+        cos, sin = language_model.rotary_emb(before, positions[None])
+        keys = apply_rotary_pos_emb(keys, keys, cos, sin)[0].repeat_interleave(attention.num_key_value_groups, 1)
+        keys = keys[0].transpose(0, 1).reshape(length, -1)[:prompt]
+        normed = language_model.norm(hidden)[0, :prompt]
+        keep = torch.ones(length, dtype=torch.bool)
+        for group in sorted(set(groups.tolist()) - {-1}):
+            members = (groups == group).nonzero().flatten()
+            after = (text & (torch.arange(prompt) > members[-1])).nonzero().flatten()
+            keep[members] = False
+            keep[dart_keep(normed, keys, members, after, num_tokens)] = True
+        return keep
+
+    return pruned_logits(model, embeds, layer, choose)
 
 
 def dart_greedy(model, embeds, groups, layer, num_tokens, steps):
-    tokens: list[int] = []
-    table = model.get_input_embeddings()
-    for _ in range(steps):
-        with torch.no_grad():
-            sequence = torch.cat([embeds, table(torch.tensor(tokens, dtype=torch.long))])
-        logits, _ = dart_logits(model, sequence, groups, layer, num_tokens)
-        tokens.append(int(logits[-1].argmax()))
-    with torch.no_grad():
-        sequence = torch.cat([embeds, table(torch.tensor(tokens[:-1], dtype=torch.long))])
-    return tokens, dart_logits(model, sequence, groups, layer, num_tokens)[0][-steps:]
+    return fastv_greedy(model, embeds, groups, layer, num_tokens, steps, run=dart_logits)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
