@@ -8,6 +8,8 @@ import torch
 
 import vispruner
 from vispruner.methods.cdpruner import cdpruner_selection
+from tests.tiny_qwen import BUILDERS as QWEN_BUILDERS
+from tests.tiny_qwen import family_inputs as qwen_inputs
 
 from .cases import FAMILIES, model_and_inputs
 from .reference import _crops, vision_signals
@@ -38,15 +40,26 @@ def expected_keeps(model, inputs, num_tokens):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_each_image_is_chosen_by_its_rows_instruction(family):
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"num_beams": 2, "num_return_sequences": 2}, {"use_cache": False}, {"cache_implementation": "static"}],
+)
+def test_each_image_is_chosen_by_its_rows_instruction(family, options):
     model, inputs = model_and_inputs(family)
     vispruner.apply(model, NUM_TOKENS, method="cdpruner")
-    model.generate(**inputs, max_new_tokens=2, do_sample=False)
-    selections = vispruner.last_selection(model)
+    model.generate(**inputs, max_new_tokens=2, do_sample=False, **options)
+    selections = [selection.keep for selection in vispruner.last_selection(model)]
     expected = expected_keeps(model, inputs, NUM_TOKENS)
+    if len(selections) == 2 * len(expected):  # beams: the model encodes each row's images once per copy
+        rows = [1, 2]  # images per row of TEXTS
+        copies, start = [], 0
+        for count in rows:
+            copies += expected[start : start + count] * 2
+            start += count
+        expected = copies
     assert len(selections) == len(expected)
-    for selection, keep in zip(selections, expected):
-        assert torch.equal(selection.keep, keep)
+    for keep, reference in zip(selections, expected):
+        assert torch.equal(keep, reference)
 
 
 def test_the_instruction_changes_the_selection_and_forward_matches_generate():
@@ -71,3 +84,23 @@ def test_features_alone_have_no_instruction():
     vispruner.apply(model, NUM_TOKENS, method="cdpruner")
     with pytest.raises(ValueError, match="cdpruner selects by the instruction"):
         model.model.get_image_features(pixel_values=inputs["pixel_values"])
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl"])
+def test_qwen_batch_rows_get_their_own_instruction(family):
+    # Each prompt alone and the two in one batch (several images and videos per prompt).
+    model = QWEN_BUILDERS[family]()
+    prompts = [["w1", ("image", 6, 4), "w2", ("image", 4, 4)], ["w3", "w4", ("image", 6, 4), "w5", "w6", "w7"]]
+    vispruner.apply(model, 3, method="cdpruner")
+    alone, pixels = [], []
+    for prompt in prompts:
+        inputs = qwen_inputs(family, [prompt])
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        alone += [selection.keep for selection in vispruner.last_selection(model)]
+        pixels.append(inputs["pixel_values"])
+    batch = qwen_inputs(family, prompts)
+    batch["pixel_values"] = torch.cat(pixels)  # the same images as alone
+    model.generate(**batch, max_new_tokens=1, do_sample=False)
+    together = [selection.keep for selection in vispruner.last_selection(model)]
+    assert len(together) == len(alone) == 3
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))
