@@ -33,7 +33,7 @@ def expected_keeps(model, inputs, num_tokens):
             instruction = model.get_input_embeddings()(text)
         starts = int(((ids == image_id) & (torch.roll(ids, 1) != image_id)).sum())
         for _ in range(starts):
-            keeps.append(cdpruner_selection(projected[image], projected[image], instruction, num_tokens, flip_relevance=False))
+            keeps.append(cdpruner_selection(projected[image], projected[image], instruction, num_tokens))
             image += 1
     assert image == len(crops)
     return keeps

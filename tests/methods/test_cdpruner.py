@@ -220,6 +220,7 @@ def test_registered_method_uses_projected_tokens_and_the_instruction():
     method = get_method("cdpruner")
     assert method.needs == {"projected", "text"}
     keep = method.select(VisionSignals(torch.randn(2, 12, 4), projected=projected, text=text), 4).keep
-    assert torch.equal(keep, cdpruner_selection(projected, projected, text, 4, flip_relevance=False))
+    assert torch.equal(keep, cdpruner_selection(projected, projected, text, 4))
+    assert not torch.equal(keep, cdpruner_selection(projected, projected, text, 4, flip_relevance=False))
     with pytest.raises(ValueError, match="needs the instruction's text embeddings"):
         method.select(VisionSignals(torch.randn(2, 12, 4), projected=projected), 4)
