@@ -216,7 +216,7 @@ def test_method_through_apply_siglip(family, method):
     prompt lengths come from the step-by-step reference. FastV is refused there."""
     model, inputs = SIGLIP_CASES[family]()
     if get_method(method).stage == "llm":
-        with pytest.raises(TypeError, match="fastv"):  # Gemma 3: sliding-window layers; OneVision: its packing
+        with pytest.raises(TypeError, match=method):  # Gemma 3: sliding-window layers; OneVision: its packing
             vispruner.apply(model, NUM_TOKENS, method=method, layer=1)
         return
     expected = siglip_prompt_lengths(family)

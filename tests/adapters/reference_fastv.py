@@ -67,17 +67,33 @@ def fastv_logits(model, embeds: torch.Tensor, groups: torch.Tensor, layer: int, 
     """
     language_model = model.get_decoder()
     prompt = len(groups)
+
+    def choose(before: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        block = language_model.layers[layer - 1]
+        row = _attention_probabilities(block, before, positions, language_model.rotary_emb)[:, prompt - 1].mean(0)
+        keep = torch.ones(len(positions), dtype=torch.bool)
+        for group in set(groups.tolist()) - {-1}:
+            members = [i for i in range(prompt) if groups[i] == group]
+            ranked = sorted(members, key=lambda i: (-float(row[i]), i))
+            keep[ranked[num_tokens:]] = False
+        return keep
+
+    return pruned_logits(model, embeds, layer, choose)
+
+
+def pruned_logits(model, embeds: torch.Tensor, layer: int, choose):
+    """Run the decoder layers one by one on ``embeds`` (n, D), no cache; before layer ``layer``,
+    ``choose(layer K-1's input, its output, positions)`` gives keep (n,) bool and only the kept
+    tokens go on, at their original positions. Returns (logits (n', V), keep)."""
+    language_model = model.model.language_model
     hidden, positions = embeds[None], torch.arange(len(embeds))
     keep = torch.ones(len(embeds), dtype=torch.bool)
     with torch.no_grad():
         for index, block in enumerate(language_model.layers):
             if index == layer - 1:
-                row = _attention_probabilities(block, hidden, positions, language_model.rotary_emb)[:, prompt - 1].mean(0)
-                for group in set(groups.tolist()) - {-1}:
-                    members = [i for i in range(prompt) if groups[i] == group]
-                    ranked = sorted(members, key=lambda i: (-float(row[i]), i))
-                    keep[ranked[num_tokens:]] = False
+                before = hidden
             if index == layer:
+                keep = choose(before, hidden, positions)
                 hidden, positions = hidden[:, keep], positions[keep]
             hidden = block(
                 hidden,
@@ -88,16 +104,20 @@ def fastv_logits(model, embeds: torch.Tensor, groups: torch.Tensor, layer: int, 
         return model.lm_head(language_model.norm(hidden))[0], keep
 
 
-def fastv_greedy(model, embeds: torch.Tensor, groups: torch.Tensor, layer: int, num_tokens: int, steps: int):
-    """Greedy tokens and the (steps, V) logits that chose them, re-running the whole row each step."""
+def fastv_greedy(
+    model, embeds: torch.Tensor, groups: torch.Tensor, layer: int, num_tokens: int, steps: int, run=None
+):
+    """Greedy tokens and the (steps, V) logits that chose them, re-running the whole row each step
+    with ``run`` (default :func:`fastv_logits`; another LLM-stage method's reference of its shape)."""
+    run = run or fastv_logits
     tokens: list[int] = []
     table = model.get_input_embeddings()
     for _ in range(steps):
         with torch.no_grad():
             sequence = torch.cat([embeds, table(torch.tensor(tokens, dtype=torch.long))])
-        logits, _ = fastv_logits(model, sequence, groups, layer, num_tokens)
+        logits, _ = run(model, sequence, groups, layer, num_tokens)
         tokens.append(int(logits[-1].argmax()))
     with torch.no_grad():
         sequence = torch.cat([embeds, table(torch.tensor(tokens[:-1], dtype=torch.long))])
-    logits, _ = fastv_logits(model, sequence, groups, layer, num_tokens)
+    logits, _ = run(model, sequence, groups, layer, num_tokens)
     return tokens, logits[-steps:]

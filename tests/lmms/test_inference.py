@@ -24,7 +24,7 @@ def requests(samples):
     return [(s.question.text, Visuals(images=[s.scene.render()])) for s in samples]
 
 
-@pytest.mark.parametrize("method", ["none", "vispruner", "fastv"])
+@pytest.mark.parametrize("method", ["none", "vispruner", "fastv", "cdpruner", "dart"])
 def test_batched_generation_matches_the_eval_path_one_question_at_a_time(testbed, method):
     model, processor, samples = testbed
     with vispruner.pruned(model, num_tokens=7, method=method) if method != "none" else torch.no_grad():
@@ -45,7 +45,7 @@ def test_loaded_model_is_pruned_as_the_model_args_say(testbed):
         vispruner.last_selection(unpruned)
 
 
-@pytest.mark.parametrize("method", ["none", "vispruner", "fastv"])
+@pytest.mark.parametrize("method", ["none", "vispruner", "fastv", "cdpruner", "dart"])
 def test_loglikelihood_is_the_continuation_log_probability_and_greedy_flag(testbed, method):
     model, processor, samples = testbed
     choices = ["red", "two", "yes"]

@@ -19,15 +19,15 @@ class Problem:
         """The signals of image ``b`` alone, as a batch of one."""
         s = self.signals
         return VisionSignals(
-            s.features[b : b + 1], s.attention[b : b + 1], s.keys[b : b + 1], s.grid, s.projected[b : b + 1]
+            s.features[b : b + 1], s.attention[b : b + 1], s.keys[b : b + 1], s.grid, s.projected[b : b + 1], s.text
         )
 
 
 @st.composite
 def problems(draw, max_side: int = 9, max_extra_tokens: int = 3) -> Problem:
     """B images on a rows x cols grid with features (B, N, C), attention (B, N) or (B, H, N),
-    keys (B, N, D) or (B, N, H, d), projected tokens (B, N, D'), and a budget in
-    1 .. N + max_extra_tokens."""
+    keys (B, N, D) or (B, N, H, d), projected tokens (B, N, D'), an instruction's text embeddings
+    (M, D'), and a budget in 1 .. N + max_extra_tokens."""
     batch = draw(st.integers(1, 3))
     rows, cols = draw(st.integers(1, max_side)), draw(st.integers(1, max_side))
     tokens = rows * cols
@@ -40,7 +40,8 @@ def problems(draw, max_side: int = 9, max_extra_tokens: int = 3) -> Problem:
     key_shape = (batch, tokens, key_dim) if heads is None else (batch, tokens, heads, key_dim)
     keys = torch.randn(key_shape, generator=generator)
     projected = torch.randn(batch, tokens, draw(st.integers(1, 8)), generator=generator)
-    return Problem(VisionSignals(features, attention, keys, (rows, cols), projected), num_tokens)
+    text = torch.randn(draw(st.integers(1, 4)), projected.shape[-1], generator=generator)
+    return Problem(VisionSignals(features, attention, keys, (rows, cols), projected, text), num_tokens)
 
 
 def scores(attention: torch.Tensor) -> torch.Tensor:

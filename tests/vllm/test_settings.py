@@ -54,6 +54,17 @@ def test_fastv_refused_with_reason():
         settings_for(_config(tiny_llava(), {"method": "fastv", "num_tokens": 8}))
 
 
+@pytest.mark.parametrize("method", ["fastv", "dart"])
+def test_language_stage_methods_refused(method):
+    with pytest.raises(ValueError, match=f"method '{method}' prunes inside the language model"):
+        settings_for(_config(tiny_llava(), {"method": method, "num_tokens": 8}))
+
+
+def test_instruction_conditioned_cdpruner_refused_with_reason():
+    with pytest.raises(ValueError, match="'cdpruner' selects by each image's instruction.*divprune, fastervlm"):
+        settings_for(_config(tiny_llava(), {"method": "cdpruner", "num_tokens": 8}))
+
+
 def test_original_positions_refused():
     with pytest.raises(ValueError, match="positions='original' is not supported in vLLM"):
         settings_for(_config(tiny_llava(), {"positions": "original"}))

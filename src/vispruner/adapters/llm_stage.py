@@ -1,4 +1,4 @@
-"""LLM-stage pruning (FastV) for LLaVA-style models: cut image tokens between two decoder layers.
+"""LLM-stage pruning (FastV, DART) for LLaVA-style models: cut image tokens between two decoder layers.
 
 Decoder layers ``0 .. K-1`` run on the whole prompt; layer ``K`` and the ones after it see the
 text and the kept image tokens only, at the prefill and in the KV cache they fill, so decoding
@@ -11,7 +11,8 @@ runs on the shortened cache. Where transformers 5.x lets us in:
 * During the prefill, hooks on layer ``K-1``'s attention and its query and key projections take
   the projections the layer computes anyway and score only the attention row of each prompt's
   last token (one query against the L keys), so SDPA and FlashAttention keep working; eager
-  attention is never required.
+  attention is never required. For DART they keep the layer's post-RoPE keys instead, and the
+  cut passes its input (layer ``K-1``'s output) through the model's final norm, as the authors do.
 * A pre-hook on every layer from ``K`` on substitutes the shortened inputs: at the prefill,
   layer ``K`` selects the tokens and compacts the hidden states (rows re-padded on the left),
   the 2D mask and the rotary embeddings; kept tokens keep their original positions, as in the
@@ -29,6 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..methods.dart import DartSignals
 from ..methods.fastv import DEFAULT_LAYER, LanguageSignals, check_layer
 from .attention_row import ProjectionCapture, head_averaged_row
 from .patching import InstancePatch, Outermost, bind_arguments
@@ -50,6 +52,8 @@ class _Step:
     groups: torch.Tensor | None = None
     #: (B, L) attention of each prompt's last token, set by the hooks on layer K-1's attention.
     scores: torch.Tensor | None = None
+    #: (B, L, H*hd) layer K-1's post-RoPE keys, set instead for methods that need "keys" (DART).
+    keys: torch.Tensor | None = None
     #: Keyword arguments every layer from K on receives instead of the model's.
     replacements: dict[str, Any] = field(default_factory=dict)
     prefix: CompactedPrefix | None = None
@@ -68,7 +72,7 @@ class _Placed:
 
 
 class LanguageStagePruner:
-    """FastV-style pruning installed on one model instance; :meth:`remove` undoes it."""
+    """FastV-style pruning (FastV, DART) installed on one model instance; :meth:`remove` undoes it."""
 
     def __init__(self, model: nn.Module, family: Family, settings: Settings) -> None:
         self.model = model
@@ -78,7 +82,7 @@ class LanguageStagePruner:
         options = dict(settings.options)
         self.layer = check_layer(options.pop("layer", DEFAULT_LAYER), len(self.layers))
         self.settings = replace(settings, options=options)
-        _check_language_model(self.language_model, self.layer)
+        _check_language_model(self.language_model, self.layer, settings.method.name)
         self.vision = family.vision(model)
         #: Per image (then per video) at the last pruned prefill: keep masks over the token grids.
         self.last: list[ImageSelection] | None = None
@@ -148,7 +152,9 @@ class LanguageStagePruner:
             self.last_tokens = None
             if images:
                 if arguments.get("input_ids") is None:
-                    raise NotImplementedError("fastv finds the image (and video) tokens in input_ids; got inputs_embeds only")
+                    raise NotImplementedError(
+                        f"{self.settings.method.name} finds the image (and video) tokens in input_ids; got inputs_embeds only"
+                    )
                 # Grouped inside the language model's call: the image features (and with them the
                 # crops of each image) are computed after this point when pixel_values are given.
                 self._prompt_ids = arguments["input_ids"]
@@ -270,13 +276,18 @@ class LanguageStagePruner:
                 step.groups, self._placed_now = grouped
         if step.groups is not None or hasattr(cache, PREFIX):
             if hf_seam.is_static(cache):
-                raise NotImplementedError("fastv needs a dynamic KV cache (the default); static caches are not supported")
+                raise NotImplementedError(
+                    f"{self.settings.method.name} needs a dynamic KV cache (the default); static caches are not supported"
+                )
             if mask is not None and mask.ndim != 2:
-                raise NotImplementedError(f"fastv needs the 2D (batch, length) padding mask; got shape {tuple(mask.shape)}")
+                raise NotImplementedError(
+                    f"{self.settings.method.name} needs the 2D (batch, length) padding mask; got shape {tuple(mask.shape)}"
+                )
         self._step = step
         attention = self.layers[self.layer - 1].self_attn
+        capture = _RotatedKeys if "keys" in self.settings.method.needs else _LastTokenAttention
         try:
-            with _LastTokenAttention(attention, step) if step.groups is not None else nullcontext():
+            with capture(attention, step) if step.groups is not None else nullcontext():
                 output = original(**arguments)
         finally:
             self._step = None
@@ -294,9 +305,9 @@ class LanguageStagePruner:
         args = args[1:] if args else args
         cache = hf_seam.cache_in(kwargs, type(layer).forward, f"decoder layer {self.layer}")
         if step.groups is not None:
-            if step.scores is None:
+            if step.scores is None and step.keys is None:
                 raise RuntimeError(f"the attention of decoder layer {self.layer - 1} did not run before layer {self.layer}")
-            keep = self._choose(step.scores, step.groups.to(step.scores.device))
+            keep = self._choose(self._signals(step, hidden), step.groups.to(hidden.device))
             self._record(keep)
             if bool(keep.all()):
                 step.groups = None
@@ -374,7 +385,25 @@ class LanguageStagePruner:
                 grid[sources[flags & (sources >= 0)]] = True
                 self.last.append(ImageSelection(grid.view(item.pieces, -1), None, item.grid, modality.name))
 
-    def _choose(self, scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    def _signals(self, step: _Step, hidden: torch.Tensor) -> Callable[[torch.Tensor], Any]:
+        """``groups -> signals`` of the method: FastV's attention row, or DART's normed hidden
+        states, keys and text tokens (not placeholders, not padding)."""
+        if step.keys is None:
+            return lambda groups: LanguageSignals(step.scores.to(groups.device), groups)
+        with torch.no_grad():
+            normed = self.language_model.norm(hidden)
+        real = torch.ones_like(self._prompt_ids, dtype=torch.bool)
+        if step.attention_mask is not None:
+            real = step.attention_mask.to(real.device).bool()
+        text = real.clone()
+        for modality in self.family.modalities:
+            text &= self._prompt_ids != getattr(self.model.config, modality.token_id)
+        start = real.long().argmax(dim=1)
+        return lambda groups: DartSignals(
+            normed, step.keys.to(normed.device), groups, text.to(groups.device), start.to(groups.device)
+        )
+
+    def _choose(self, signals: Callable[[torch.Tensor], Any], groups: torch.Tensor) -> torch.Tensor:
         """(B, L) keep mask: each group's budget (``num_tokens``, its share, or ``keep_ratio`` of it)."""
         settings = self.settings
         budget_of = torch.full((len(self._budgets) + 1,), -1, dtype=torch.long, device=groups.device)
@@ -385,7 +414,7 @@ class LanguageStagePruner:
         keep = torch.ones_like(groups, dtype=torch.bool)
         for budget in torch.unique(budgets[budgets >= 0]).tolist():
             chosen = torch.where(budgets == budget, groups, -1)
-            keep &= settings.method.select(LanguageSignals(scores, chosen), budget, **settings.options).keep
+            keep &= settings.method.select(signals(chosen), budget, **settings.options).keep
         return keep
 
 
@@ -422,26 +451,45 @@ class _LastTokenAttention(ProjectionCapture):
         return query[torch.arange(query.shape[0], device=query.device), self._last]
 
     def _score(self, query: torch.Tensor, keys: torch.Tensor) -> None:
-        batch, length, _ = keys.shape
-        width = self.attention.head_dim
+        batch = keys.shape[0]
         rows = torch.arange(batch, device=keys.device)
-        rotate = sys.modules[type(self.attention).__module__].apply_rotary_pos_emb
         cos, sin = self._rotary
-        query = query.view(batch, -1, 1, width)
-        keys = keys.view(batch, length, -1, width)
+        query = query.view(batch, -1, 1, self.attention.head_dim)
         if hasattr(self.attention, "q_norm"):  # Qwen3: per-head RMS norms before the rotary embedding
-            query, keys = self.attention.q_norm(query), self.attention.k_norm(keys)
-        query = rotate(query, query, cos[rows, self._last].unsqueeze(1), sin[rows, self._last].unsqueeze(1))[0]
-        keys = rotate(keys.transpose(1, 2), keys.transpose(1, 2), cos, sin)[0]
-        self._step.scores = head_averaged_row(query.squeeze(2), keys, self.attention.scaling, self._visible)
+            query = self.attention.q_norm(query)
+        query = self._rotate(query, cos[rows, self._last].unsqueeze(1), sin[rows, self._last].unsqueeze(1))
+        self._step.scores = head_averaged_row(query.squeeze(2), self._attended_keys(keys), self.attention.scaling, self._visible)
+
+    def _rotate(self, values: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rotate = sys.modules[type(self.attention).__module__].apply_rotary_pos_emb
+        return rotate(values, values, cos, sin)[0]
+
+    def _attended_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """(B, L, K * hd) key projection -> (B, K, L, hd) keys as the layer attends with them."""
+        batch, length, _ = keys.shape
+        keys = keys.view(batch, length, -1, self.attention.head_dim)
+        if hasattr(self.attention, "k_norm"):
+            keys = self.attention.k_norm(keys)
+        return self._rotate(keys.transpose(1, 2), *self._rotary)
 
 
-def _check_language_model(language_model: nn.Module, layer: int) -> None:
+class _RotatedKeys(_LastTokenAttention):
+    """Sets ``step.keys``: the layer's post-RoPE keys, (B, L, H * hd), key heads repeated to the
+    query heads as the authors' ``repeat_kv`` does (DART reads their L1 norm)."""
+
+    def _score(self, query: torch.Tensor, keys: torch.Tensor) -> None:
+        keys = self._attended_keys(keys)
+        heads = query.shape[-1] // self.attention.head_dim
+        keys = keys.repeat_interleave(heads // keys.shape[1], dim=1)
+        self._step.keys = keys.transpose(1, 2).flatten(2)
+
+
+def _check_language_model(language_model: nn.Module, layer: int, method: str) -> None:
     config = language_model.config
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
     if kinds != {"full_attention"} or not all(hasattr(block, "self_attn") for block in language_model.layers):
         raise TypeError(
-            f"fastv needs softmax attention in every decoder layer; this language model has {sorted(kinds)} layers "
+            f"{method} needs softmax attention in every decoder layer; this language model has {sorted(kinds)} layers "
             "(e.g. Qwen3.5's linear attention); choose a vision-stage method"
         )
     attention = language_model.layers[layer - 1].self_attn
@@ -450,7 +498,9 @@ def _check_language_model(language_model: nn.Module, layer: int) -> None:
     normed = hasattr(attention, "q_norm") == hasattr(attention, "k_norm")
     if not all(hasattr(attention, name) for name in needed) or rotary is None or not normed:
         raise TypeError(
-            f"fastv supports Llama-style language models (rotary q_proj/k_proj attention); got {type(attention).__name__}"
+            f"{method} supports Llama-style language models (rotary q_proj/k_proj attention); got {type(attention).__name__}"
         )
     if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
-        raise TypeError("fastv does not support sliding-window attention in the language model")
+        raise TypeError(f"{method} does not support sliding-window attention in the language model")
+    if not isinstance(getattr(language_model, "norm", None), nn.Module):
+        raise TypeError(f"{method} needs the language model's final norm (language_model.norm)")

@@ -27,9 +27,9 @@ transformers 5.x lets us in (see docs/models.md for the user's view):
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ from torch import nn
 from ..methods.base import Method, VisionSignals
 from . import hf_seam
 from .budget import ratio_tokens, shared_tokens
+from .instruction import instruction_embeddings, items_per_row
 from .patching import InstancePatch, Outermost, bind_arguments
 from .sequence import CompactedPrefix, compact
 
@@ -324,6 +325,9 @@ class VisionStagePruner:
         self.last: list[ImageSelection] | None = None
         #: (B, L) bool: the tokens of the last pruned prefill that reached the language model.
         self.last_tokens: torch.Tensor | None = None
+        #: (input_ids, attention_mask) of the generate() or forward() call under way, for methods
+        #: that select by the instruction.
+        self._prompt: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
         self._patch = InstancePatch()
         self._outermost = Outermost()
 
@@ -352,6 +356,7 @@ class VisionStagePruner:
         arguments = bind_arguments(original, args, kwargs)
         items = self.vision.items(modality, arguments)
         needs = self.settings.method.needs
+        texts = self._instructions(modality, items, arguments) if "text" in needs else None
         chosen: dict[str, Any] = {}
 
         with ExitStack() as stack:
@@ -361,7 +366,8 @@ class VisionStagePruner:
                 features = tap.features(inputs)
                 projected = tap.project(inputs) if "projected" in needs else None
                 keep, important, replaced = select_tokens(
-                    self.settings, items, features, tap.attention(), tap.keys(), projected, self.family.shared_piece_budget
+                    self.settings, items, features, tap.attention(), tap.keys(), projected,
+                    self.family.shared_piece_budget, texts,
                 )
                 chosen.update(keep=keep, important=important)
                 return None if replaced is None else tap.substitute(inputs, replaced.to(features.dtype))
@@ -398,6 +404,26 @@ class VisionStagePruner:
             setattr(image, SELECTION, selection)
         return output
 
+    def _instructions(self, modality: Modality, items: list[Item], arguments: dict[str, Any]) -> list[torch.Tensor]:
+        """Per item, its prompt row's instruction embeddings (see :mod:`.instruction`)."""
+        name = self.settings.method.name
+        if self._prompt is None or self._prompt[0] is None:
+            raise ValueError(
+                f"{name} selects by the instruction: call the model's generate() or forward() with input_ids "
+                f"and {modality.pixels}, not model.model.{modality.encoder} alone"
+            )
+        input_ids, mask = self._prompt
+        flags = [_by_piece(torch.ones(item.size, dtype=torch.bool, device=input_ids.device), item) for item in items]
+        sizes = [len(packed) for packed in self.vision.pack(modality, flags, arguments)]
+        counts = items_per_row(input_ids == getattr(self.model.config, modality.token_id), sizes)
+        if counts is None:
+            raise ValueError(
+                f"{name} reads each image's instruction from its prompt row, but the {modality.name} placeholders "
+                f"of input_ids do not match the {len(items)} {modality.name}(s) given"
+            )
+        placeholders = [getattr(self.model.config, other.token_id) for other in self.family.modalities]
+        return instruction_embeddings(self.model, input_ids, mask, placeholders, counts)
+
     # -- language side ---------------------------------------------------------------------
 
     def _generate(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -418,7 +444,21 @@ class VisionStagePruner:
                         "leave it unset, or vispruner.remove(model) first"
                     )
             refuse_wrong_repeats(self.model, self.family, arguments)
-        return original(*args, **kwargs)
+        inputs = arguments.get("input_ids") if arguments.get("input_ids") is not None else arguments.get("inputs")
+        with self._prompt_of(inputs, arguments.get("attention_mask")):
+            return original(*args, **kwargs)
+
+    @contextmanager
+    def _prompt_of(self, input_ids: Any, attention_mask: Any) -> Iterator[None]:
+        """Note the prompt of the outermost generate() or forward() call for :meth:`_instructions`."""
+        if self._prompt is not None or not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point():
+            yield
+            return
+        self._prompt = (input_ids, attention_mask)
+        try:
+            yield
+        finally:
+            self._prompt = None
 
     def _forward(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         arguments = bind_arguments(original, args, kwargs)
@@ -432,7 +472,8 @@ class VisionStagePruner:
             if encoded.get(modality.name) is None and pixels is not None and pixels.shape[0] > 0:
                 encoder = getattr(self.model.model, modality.encoder)
                 extra = {name: arguments.get(name) for name in modality.arguments}
-                encoded[modality.name] = encoder(**{modality.pixels: pixels}, **extra, return_dict=True)
+                with self._prompt_of(arguments.get("input_ids"), arguments.get("attention_mask")):
+                    encoded[modality.name] = encoder(**{modality.pixels: pixels}, **extra, return_dict=True)
                 arguments[modality.pixels] = None
                 arguments["mm_encoder_outputs"] = encoded
         present = [modality for modality in self.family.modalities if encoded.get(modality.name) is not None]
@@ -611,16 +652,19 @@ def select_tokens(
     keys: torch.Tensor | None,
     projected: torch.Tensor | None,
     shared_piece_budget: bool = False,
+    texts: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Run the method on (T, C) features; return (T,) keep, important and (T, C) features.
 
     The budget's unit is a piece (``budget="per_crop"``) or a whole item (``"per_image"``,
     its pieces stacked vertically into one grid, so the method spends the budget where the
-    item needs it). Units of equal size, grid and budget share one batch.
+    item needs it). Units of equal size, grid and budget share one batch; with ``texts`` (per
+    item, its instruction) only the units of one item do.
     """
-    units: dict[tuple[int, tuple[int, int] | None, int], list[int]] = {}
+    units: dict[tuple[int, tuple[int, int] | None, int, int], list[int]] = {}
     start = 0
-    for item in items:
+    for owner, item in enumerate(items):
+        owner = owner if texts is not None else -1
         grids = item.grids
         if settings.budget == "per_crop":
             if shared_piece_budget and settings.keep_ratio is None:
@@ -630,18 +674,18 @@ def select_tokens(
             else:
                 budgets = [settings.tokens_for(rows * cols) for rows, cols in grids]
             for (rows, cols), budget in zip(grids, budgets):
-                units.setdefault((rows * cols, (rows, cols), budget), []).append(start)
+                units.setdefault((rows * cols, (rows, cols), budget, owner), []).append(start)
                 start += rows * cols
         else:
             # The pieces stacked vertically: one grid when their widths agree.
             grid = (sum(rows for rows, _ in grids), grids[0][1]) if len({c for _, c in grids}) == 1 else None
-            units.setdefault((item.size, grid, settings.tokens_for(item.size)), []).append(start)
+            units.setdefault((item.size, grid, settings.tokens_for(item.size), owner), []).append(start)
             start += item.size
 
     keep = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
     important = None
     replaced = None
-    for (size, grid, budget), starts in units.items():
+    for (size, grid, budget, owner), starts in units.items():
         offsets = torch.arange(size, device=features.device)
         index = (torch.tensor(starts, device=features.device).unsqueeze(1) + offsets).flatten()
         count = len(starts)
@@ -655,6 +699,7 @@ def select_tokens(
             keys=gather(keys),
             grid=grid,
             projected=gather(projected),
+            text=None if texts is None else texts[owner],
         )
         with torch.no_grad():
             selection = settings.method.select(signals, budget, **settings.options)

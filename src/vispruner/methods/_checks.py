@@ -92,6 +92,7 @@ _SIGNALS = {
     "keys": "the vision layer's attention keys",
     "grid": "the patch grid (rows, cols)",
     "projected": "the projected visual tokens",
+    "text": "the instruction's text embeddings",
 }
 
 

@@ -28,6 +28,9 @@ class VisionSignals:
         projected: (B, N, D) the projector's output for ``features`` (the tokens the language
             model would receive), for methods that choose among those; None unless a method
             lists ``"projected"`` in its ``needs``.
+        text: (M, D) the instruction of the prompt these images belong to, as the language
+            model's input embeddings of its text tokens (see docs/methods.md, CDPruner); None
+            unless a method lists ``"text"`` in its ``needs``. All B rows belong to one image.
     """
 
     features: "torch.Tensor"
@@ -35,6 +38,7 @@ class VisionSignals:
     keys: "torch.Tensor | None" = None
     grid: "tuple[int, int] | None" = None
     projected: "torch.Tensor | None" = None
+    text: "torch.Tensor | None" = None
 
 
 @dataclass

@@ -58,6 +58,12 @@ def settings_for(hf_config: Any) -> Settings | None:
             "model runner gives a plugin no way in there (its attention kernels and KV cache are vLLM's). "
             "Choose a vision-stage method: " + ", ".join(vision_methods())
         )
+    if "text" in settings.method.needs:
+        raise ValueError(
+            f"method {settings.method.name!r} selects by each image's instruction, which vLLM's embed_multimodal "
+            "never sees (it gets the images alone, before the prompt is assembled). Choose one of: "
+            + ", ".join(vision_methods())
+        )
     if settings.positions != "compacted":
         raise ValueError(
             f"positions={settings.positions!r} is not supported in vLLM: vLLM numbers LLaVA's prompt tokens "
@@ -69,4 +75,6 @@ def settings_for(hf_config: Any) -> Settings | None:
 def vision_methods() -> list[str]:
     from ..methods import available_methods, get_method
 
-    return [name for name in available_methods() if get_method(name).stage == "vision"]
+    return [
+        name for name in available_methods() if get_method(name).stage == "vision" and "text" not in get_method(name).needs
+    ]
