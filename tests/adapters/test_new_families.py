@@ -19,7 +19,11 @@ from .tile_cases import CASES
 
 NUM_TOKENS = 5
 STEPS = 4
-VISION_METHODS = [name for name in available_methods() if get_method(name).stage == "vision"]
+#: The reference carries no instruction: cdpruner is checked against its own reference in
+#: test_cdpruner_apply.py, and on these families by the contract test.
+VISION_METHODS = [
+    name for name in available_methods() if get_method(name).stage == "vision" and "text" not in get_method(name).needs
+]
 #: Every vision method, and VisionZip with contextual tokens (merged by keys; 5 * 10/64 rounds to none).
 RUNS = [(name, None) for name in VISION_METHODS] + [("visionzip", {"contextual_ratio": 0.5})]
 
