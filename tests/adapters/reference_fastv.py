@@ -85,7 +85,7 @@ def pruned_logits(model, embeds: torch.Tensor, layer: int, choose):
     """Run the decoder layers one by one on ``embeds`` (n, D), no cache; before layer ``layer``,
     ``choose(layer K-1's input, its output, positions)`` gives keep (n,) bool and only the kept
     tokens go on, at their original positions. Returns (logits (n', V), keep)."""
-    language_model = model.model.language_model
+    language_model = model.get_decoder()
     hidden, positions = embeds[None], torch.arange(len(embeds))
     keep = torch.ones(len(embeds), dtype=torch.bool)
     with torch.no_grad():

@@ -57,7 +57,8 @@ def test_language_model_receives_text_and_kept_tokens(family, method, options):
     finally:
         handle.remove()
     for embeds, mask, (expected, _) in zip(seen["embeds"], seen["mask"], rows, strict=True):
-        torch.testing.assert_close(embeds[mask.bool()], expected, rtol=1e-5, atol=1e-6)
+        # Pooling averages in another order than the reference with 2 threads: 1.1e-6 seen.
+        torch.testing.assert_close(embeds[mask.bool()], expected, rtol=1e-4, atol=1e-5)
     assert new_tokens(out, inputs) == [greedy(model, embeds, STEPS) for embeds, _ in rows]
     selections = vispruner.last_selection(model)
     assert len(selections) == CASES[family].units(inputs)
