@@ -74,7 +74,7 @@ def apply(
     an unsupported model and ``ValueError`` for a bad argument.
     """
     from .adapters import family_for
-    from .adapters.hf_seam import warn_if_untested
+    from .adapters.hf_seam import check_release, warn_if_untested
     from .adapters.vision_stage import VisionStagePruner
 
     warn_if_untested()
@@ -88,6 +88,7 @@ def apply(
 
         pruner: Any = LanguageStagePruner(model, family, settings)
     else:
+        check_release(model)
         pruner = VisionStagePruner(model, family, settings)
 
     remove(model)

@@ -145,3 +145,19 @@ def test_pyproject_and_the_nox_matrix_declare_exactly_the_tested_range():
     minors = [tuple(map(int, v.split(".")[:2])) for v in re.findall(r'"([\d.]+)"', matrix)]
     low, high = (tuple(map(int, v.split("."))) for v in hf_seam.TESTED)
     assert minors == [(low[0], minor) for minor in range(low[1], high[1])]
+
+
+@pytest.mark.parametrize(("version", "refused"), [("5.19.0", False), ("5.20.2", True), ("5.21.1", False)])
+def test_a_release_whose_stock_code_cannot_take_pruned_tokens_is_refused(monkeypatch, version, refused):
+    """transformers 5.20's SmolVLM cuts its image features into blocks of ``patch_size`` rows."""
+    from tests.tiny_smolvlm import tiny_idefics3, tiny_smolvlm
+
+    smolvlm = tiny_smolvlm()  # built (and checked) under the installed release
+    monkeypatch.setattr(hf_seam, "installed_version", lambda: version)
+    vispruner.apply(tiny_idefics3(), num_tokens=4)  # Idefics3 is fine on every release
+    vispruner.apply(smolvlm, num_tokens=4, method="fastv", layer=1)  # FastV keeps every feature
+    if refused:
+        with pytest.raises(TypeError, match=r"SmolVLMForConditionalGeneration.*outside >=5\.20,<5\.21; transformers 5\.20\.2"):
+            vispruner.apply(smolvlm, num_tokens=4)
+    else:
+        vispruner.apply(smolvlm, num_tokens=4)

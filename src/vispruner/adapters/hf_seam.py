@@ -61,6 +61,17 @@ KNOWN = frozenset(
 _CONCERNS = re.compile(r"cache|mask|position|past|rope|seq_len")
 
 
+#: Stock model code of some releases that cannot take a pruned number of visual tokens:
+#: class name -> (the releases [low, high), why). Vision-stage pruning refuses them (TypeError).
+BROKEN_RELEASES = {
+    "SmolVLMForConditionalGeneration": (
+        ("5.20", "5.21"),
+        "its inputs_merger cuts the image features into blocks of vision_config.patch_size rows, which a "
+        "pruned count need not fill (5.19 and 5.21 on read them per image)",
+    ),
+}
+
+
 class ProtocolDrift(NotImplementedError):
     """transformers handed the wrappers an argument they do not know and cannot safely ignore."""
 
@@ -87,6 +98,23 @@ def warn_if_untested() -> None:
             f"fail or, worse, answer differently from the unpruned model: pip install '{TESTED_RANGE}'",
             RuntimeWarning,
             stacklevel=3,
+        )
+
+
+def check_release(model: nn.Module) -> None:
+    """``TypeError`` when the installed release's stock code of ``model`` cannot take pruned visual
+    tokens (:data:`BROKEN_RELEASES`), naming the releases that can."""
+    from packaging.version import Version
+
+    name = type(model).__name__
+    if name not in BROKEN_RELEASES:
+        return
+    (low, high), why = BROKEN_RELEASES[name]
+    version = installed_version()
+    if Version(low) <= Version(Version(version).base_version) < Version(high):
+        raise TypeError(
+            f"pruning {name}'s visual tokens needs {TESTED_RANGE} outside >={low},<{high}; transformers {version} "
+            f"is installed, and {why}"
         )
 
 
