@@ -60,6 +60,8 @@ def table(session: nox.Session) -> None:
             runs = results[family].get(version)
             if runs is None:
                 cells.append("n/a")
+            elif "pass" not in runs:
+                cells.append(f"skipped ({len(runs)})")
             elif "fail" in runs:
                 cells.append(f"FAIL ({runs.count('fail')} of {len(runs)})")
             else:
