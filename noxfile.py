@@ -11,7 +11,7 @@ in step with pyproject.toml.
 import nox
 
 #: Newest patch of every transformers minor in the tested range, oldest first.
-TRANSFORMERS = ["5.19.0", "5.20.2", "5.21.1", "5.22.2", "5.23.0", "5.24.0"]
+TRANSFORMERS = ["5.19.0", "5.20.2", "5.21.1", "5.22.2", "5.23.0", "5.24.0", "5.25.0"]
 #: The CPU build: naming it keeps pip from pulling a CUDA torch on a machine without a GPU.
 TORCH = "torch==2.13.0"
 

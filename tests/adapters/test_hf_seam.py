@@ -39,7 +39,7 @@ def step_mask(inputs, next_ids):
 def test_a_cache_under_a_name_the_wrappers_never_saw_raises_instead_of_answering(method):
     model, inputs, cache, next_ids = prefilled(method)
     assert cache.get_seq_length() > 0
-    with pytest.raises(NotImplementedError, match=r"kv_state=DynamicCache.*transformers>=5\.19,<5\.25"):
+    with pytest.raises(NotImplementedError, match=r"kv_state=DynamicCache.*transformers>=5\.19,<5\.26"):
         with torch.no_grad():
             model(input_ids=next_ids, attention_mask=step_mask(inputs, next_ids), kv_state=cache)
 
@@ -112,7 +112,7 @@ def test_a_decode_step_reads_the_cache_under_the_old_name_and_the_new():
 
 @pytest.mark.parametrize(
     "version, tested",
-    [("5.18.2", False), ("5.19.0", True), ("5.22.0rc1", True), ("5.24.9", True), ("5.25.0", False), ("6.0.0", False)],
+    [("5.18.2", False), ("5.19.0", True), ("5.22.0rc1", True), ("5.24.9", True), ("5.25.0", True), ("5.26.0", False), ("6.0.0", False)],
 )
 def test_the_tested_range_is_half_open(version, tested):
     assert hf_seam.is_tested(version) is tested
@@ -123,7 +123,7 @@ def test_apply_warns_once_outside_the_tested_range(monkeypatch):
     monkeypatch.setattr(hf_seam, "installed_version", lambda: "5.99.0")
     hf_seam.warn_if_untested.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match=r"tested on transformers>=5\.19,<5\.25; transformers 5\.99\.0"):
+        with pytest.warns(RuntimeWarning, match=r"tested on transformers>=5\.19,<5\.26; transformers 5\.99\.0"):
             vispruner.apply(model, num_tokens=4)
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)

@@ -50,7 +50,7 @@ FAMILY = Family(
     shared_piece_budget=True,
     original_positions_only=True,
     repeats_wrongly=(
-        "its generate() (transformers 5.19 to 5.24) repeats each image of a prompt in place ([A, A, B, B] for the "
+        "its generate() (transformers 5.19 to 5.25) repeats each image of a prompt in place ([A, A, B, B] for the "
         "copies of a prompt of A and B), so copies get each other's images, and it finds no video placeholders"
     ),
 )

@@ -16,6 +16,9 @@ What moved, release by release, within the tested range:
   alias until 5.40 (``@deprecate_kwarg``), and ``output.past_key_values`` a deprecated property.
   LLaVA's outputs became
   ``Multimodal...OutputWithPast`` (``image_hidden_states`` a deprecated property; we read none).
+* 5.25: the mask builders' ``@deprecate_kwarg`` also writes the alias into their signatures, so
+  they list both ``cache`` and ``past_key_values``; :func:`cache_keyword` takes ``cache``, the
+  first of :data:`CACHE_NAMES`. Nothing else we touch moved.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any, Callable, Iterable
 from torch import nn
 
 #: The transformers releases the whole suite ran on: [low, high).
-TESTED = ("5.19", "5.25")
+TESTED = ("5.19", "5.26")
 #: The same range as pip writes it (pyproject.toml declares exactly this).
 TESTED_RANGE = f"transformers>={TESTED[0]},<{TESTED[1]}"
 
@@ -38,7 +41,7 @@ TESTED_RANGE = f"transformers>={TESTED[0]},<{TESTED[1]}"
 CACHE_NAMES = ("cache", "past_key_values")
 
 #: Arguments of a model's ``forward``, a decoder layer, an attention module or a mask builder that
-#: concern the cache, the masks or the positions and that the wrappers handle (5.19-5.24). A
+#: concern the cache, the masks or the positions and that the wrappers handle (5.19-5.25). A
 #: family adds its own (its pixel and grid arguments, its streams).
 KNOWN = frozenset(
     {

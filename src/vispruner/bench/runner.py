@@ -157,10 +157,19 @@ class _Bench:
             lengths.append(hidden.shape[1])
 
         handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in self.layers]
+        # The counter's module tracker hooks autograd on every module argument that requires grad;
+        # from transformers 5.25 Qwen3.5's convolution passes its bias Parameter to a module call,
+        # which under inference_mode has no autograd node (AssertionError in torch.autograd.graph).
+        # Nothing here needs gradients, so the parameters stop asking for them while counting.
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         try:
+            for parameter in trainable:
+                parameter.requires_grad_(False)
             with flop_counter() as counter:
                 output = self.prefill()
         finally:
+            for parameter in trainable:
+                parameter.requires_grad_(True)
             for handle in handles:
                 handle.remove()
         llm_counted, other = split_counts(counter, self.model)
