@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _native
+from . import _graphs, _native
 from ._checks import check_features, check_num_tokens, require_signal
 from ._threads import serial
 from .base import Method, Selection, VisionSignals, register
@@ -37,7 +37,14 @@ def divprune_selection(features: torch.Tensor, num_tokens: int) -> Selection:
     num_keep = min(check_num_tokens(num_tokens), tokens)
     if num_keep == tokens:
         return Selection(keep=torch.ones(batch, tokens, dtype=torch.bool, device=features.device))
+    # On a GPU: one CUDA graph launch per call (see _graphs); elsewhere, the same code eagerly.
+    (keep,) = _graphs.run(_greedy_max_min, (features,), num_keep)
+    return Selection(keep=keep)
 
+
+def _greedy_max_min(features: torch.Tensor, num_keep: int) -> tuple[torch.Tensor]:
+    """The (B, N) keep mask of checked features: no host reads of device values."""
+    batch, tokens, _ = features.shape
     # Small inputs on one thread (see _threads; N >= 2 rows, so each norm is one thread's).
     with serial(features.device, features.numel()):
         unit = torch.nn.functional.normalize(features.float(), dim=-1)
@@ -50,16 +57,16 @@ def divprune_selection(features: torch.Tensor, num_tokens: int) -> Selection:
     native = _native.library() if features.device.type == "cpu" else None
     if native is not None:
         # The whole loop in one call: the same comparisons on the same similarity.
-        return Selection(keep=_native.greedy_max_min(native, similarity, first, num_keep))
+        return (_native.greedy_max_min(native, similarity, first, num_keep),)
     rows = torch.arange(batch, device=features.device)
     keep = torch.zeros(batch, tokens, dtype=torch.bool, device=features.device)
-    keep[rows, first] = True
+    keep.scatter_(1, first.unsqueeze(1), True)  # scatter, not index_put: nothing from the host
     nearest = similarity[rows, first]  # (B, N): similarity of each token to its nearest chosen one
     for _ in range(num_keep - 1):
         pick = nearest.masked_fill(keep, torch.inf).argmin(dim=1)
-        keep[rows, pick] = True
+        keep.scatter_(1, pick.unsqueeze(1), True)
         nearest = torch.maximum(nearest, similarity[rows, pick])
-    return Selection(keep=keep)
+    return (keep,)
 
 
 def _from_signals(signals: VisionSignals, num_tokens: int) -> Selection:

@@ -6,11 +6,13 @@ in VLMs", ICCV 2025, https://arxiv.org/abs/2412.01818
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import torch
 
-from . import _native
+from . import _graphs, _native
 from ._checks import check_attention, check_features, check_num_tokens, check_ratio, require_signal
 from ._threads import serial
 from .base import Method, Selection, VisionSignals, register
@@ -75,7 +77,16 @@ def vispruner_selection(
     num_keep = min(num_tokens, tokens)
     num_important = min(int(num_tokens * important_ratio), tokens)
     num_diverse = num_keep - num_important
+    # On a GPU: one CUDA graph launch per call (see _graphs); elsewhere, the same code eagerly.
+    keep, important = _graphs.run(_select, (features, scores), num_important, num_diverse)
+    return Selection(keep=keep, important=important)
 
+
+def _select(
+    features: torch.Tensor, scores: torch.Tensor, num_important: int, num_diverse: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep, important) masks (B, N) of checked inputs: no host reads of device values."""
+    batch, tokens, _ = features.shape
     order = torch.argsort(scores, dim=1, descending=True)
     important = order[:, :num_important]
     residual = order[:, num_important:]
@@ -89,7 +100,7 @@ def vispruner_selection(
     keep.scatter_(1, important, True)
     important_mask = keep.clone()
     keep.scatter_(1, diverse, True)
-    return Selection(keep=keep, important=important_mask)
+    return keep, important_mask
 
 
 def select(
@@ -124,7 +135,9 @@ def _remove_duplicates(features: torch.Tensor, residual: torch.Tensor, budget: i
     if budget == 0:
         # Nothing survives (FasterVLM, important_ratio=1): skip the similarity and the loop.
         return residual[:, :0]
-    native = _native.library() if features.device.type == "cpu" else None
+    if features.device.type != "cpu":
+        return _remove_duplicates_dense(features, residual, budget)
+    native = _native.library()
     if native is not None:
         # The whole loop in one call, on the same similarity and partner lists: the same tokens.
         positions = _native.remove_duplicates(native, residual_similarity(features, residual), budget)
@@ -143,18 +156,52 @@ def _remove_duplicates(features: torch.Tensor, residual: torch.Tensor, budget: i
         # A step is a dozen small ops: on one thread (see _threads).
         with serial(order.device):
             while order.shape[1] > budget and 2 * order.shape[1] > partners.length:
-                order = _step(partners, order, budget)
+                order = _step(partners.closest, order, budget)
     return torch.gather(members, 1, partners.positions(order))
 
 
-def _step(partners: _Partners, order: torch.Tensor, budget: int) -> torch.Tensor:
-    """One step of duplicate removal on the list ``order`` (B, R): the next list."""
+def _remove_duplicates_dense(features: torch.Tensor, residual: torch.Tensor, budget: int) -> torch.Tensor:
+    """:func:`_remove_duplicates` for GPUs: the same steps, each A token's highest similarity to
+    B read as a masked maximum over its row, the same element of the same similarity. Its shapes
+    follow from (R, budget) alone and it reads nothing back to the host (the partner lists need
+    ``nonzero``), so a CUDA graph can capture it; a GPU reads the rows faster than it syncs."""
+    similarity = residual_similarity(features, residual)
+    members = residual
+    order = _listed(similarity)
+    while order.shape[1] > budget:
+        if 2 * order.shape[1] <= similarity.shape[1]:
+            # Restrict to the tokens still listed, as the partner lists do: smaller rows.
+            members = torch.gather(members, 1, order)
+            similarity = _submatrix(similarity, order)
+            order = _listed(similarity)
+        order = _step(functools.partial(_closest_in_rows, similarity), order, budget)
+    return torch.gather(members, 1, order)
+
+
+def _listed(similarity: torch.Tensor) -> torch.Tensor:
+    """(B, L) every row of the (B, L, L) ``similarity``, in order."""
+    batch, length, _ = similarity.shape
+    return torch.arange(length, device=similarity.device).expand(batch, length)
+
+
+def _closest_in_rows(similarity: torch.Tensor, side_a: torch.Tensor, side_b: torch.Tensor) -> torch.Tensor:
+    """(B, |A|) highest similarity of each row ``side_a`` (B, |A|) to the columns ``side_b``."""
+    batch, length, _ = similarity.shape
+    outside_b = torch.full((batch, length), -math.inf, device=similarity.device).scatter_(1, side_b, 0.0)
+    return (_rows(similarity, side_a) + outside_b.unsqueeze(1)).amax(dim=2)
+
+
+def _step(
+    closest: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], order: torch.Tensor, budget: int
+) -> torch.Tensor:
+    """One step of duplicate removal on the list ``order`` (B, R): the next list. ``closest``
+    gives each token of A its highest similarity to B."""
     side_a, side_b = order[:, 0::2], order[:, 1::2]
     drop = min(STEP, order.shape[1] - budget, side_a.shape[1])
     if side_b.shape[1] == 0:
         closeness = torch.zeros(side_a.shape, device=order.device)
     else:
-        closeness = partners.closest(side_a, side_b)
+        closeness = closest(side_a, side_b)
     survivors = torch.argsort(closeness, dim=1, descending=True)[:, drop:]
     return torch.cat([torch.gather(side_a, 1, survivors), side_b], dim=1)
 
