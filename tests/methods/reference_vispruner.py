@@ -31,12 +31,12 @@ def reference_keep(features: torch.Tensor, attention: torch.Tensor, num_tokens: 
         if side_b:
             closeness = (unit[side_a] @ unit[side_b].T).max(dim=1).values
         else:
-            closeness = torch.zeros(len(side_a))
+            closeness = torch.zeros(len(side_a), device=unit.device)
         survivors = closeness.argsort(descending=True).tolist()[drop:]
         listed = [side_a[i] for i in survivors] + side_b
     keep = torch.zeros(tokens, dtype=torch.bool)
     keep[important + listed] = True
-    return keep
+    return keep  # on the CPU; the sorts ran on the inputs' device (their ties are that device's)
 
 
 def plain_keep(features: torch.Tensor, attention: torch.Tensor, num_tokens: int, ratio: float) -> torch.Tensor:
