@@ -199,15 +199,16 @@ def instructions(model: Model, texts: Sequence[str]) -> Iterator[Model]:
     prompt row (``texts[i]`` for row i of ``input_ids``) for the calls in the block.
 
     CDPruner with ``clip`` embeds them with CLIP's text tower, as the authors do (their eval
-    passes the question alone, without the chat template); every other setting reads the
-    instruction from the prompt's tokens and does not use them. ``ValueError`` if ``model`` is
-    not patched or ``texts`` is not a sequence of strings.
+    passes the question alone, without the chat template); every other setting, and a model not
+    patched, reads the instruction from the prompt's tokens or needs none, and does not use them
+    (so callers may always give them). ``ValueError`` if ``texts`` is not a sequence of strings.
     """
-    pruner = _pruner(model)
-    if pruner is None:
-        raise ValueError("model is not patched; call vispruner.apply(model, ...) first")
     if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
         raise ValueError(f"texts must be a sequence of strings, one per prompt row; got {type(texts).__name__}")
+    pruner = _pruner(model)
+    if pruner is None:
+        yield model
+        return
     before = getattr(pruner, "texts", None)
     pruner.texts = list(texts)
     try:

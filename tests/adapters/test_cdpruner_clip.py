@@ -144,9 +144,8 @@ def test_missing_or_miscounted_questions_are_refused():
     with pytest.raises(ValueError, match="texts must be a sequence of strings"):
         with vispruner.instructions(model, "one question"):
             pass
-    with pytest.raises(ValueError, match="model is not patched"):
-        with vispruner.instructions(tiny_llava(), ["one"]):
-            pass
+    with vispruner.instructions(tiny_llava(), ["one"]) as unpatched:  # nothing to give them to
+        assert not hasattr(unpatched, "_vispruner")
 
 
 def test_wrong_families_dims_and_values_are_refused():
