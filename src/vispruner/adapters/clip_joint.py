@@ -122,11 +122,19 @@ def load_clip(value: object, name: str = "clip") -> ClipJoint:
     if isinstance(value, ClipJoint):
         return value
     if isinstance(value, (str, os.PathLike)):
+        from transformers.utils import logging
+
+        # Checking an option prints nothing (the commands' errors are one line); restored after.
+        shown = logging.is_progress_bar_enabled()
+        logging.disable_progress_bar()
         try:
             model = CLIPModel.from_pretrained(value, dtype=torch.float32)
             tokenizer = CLIPTokenizerFast.from_pretrained(value)
         except (OSError, ValueError) as error:
             raise ValueError(f"{name}: could not load a CLIP model and tokenizer from {str(value)!r} ({error})") from error
+        finally:
+            if shown:
+                logging.enable_progress_bar()
         return ClipJoint(model.eval(), tokenizer, owned=True)
     tokenizer = None
     if isinstance(value, tuple) and len(value) == 2:
