@@ -139,17 +139,6 @@ def test_an_option_some_methods_take_goes_to_those_and_the_output_says_so(capsys
     assert "note: --important-ratio 0.25 applies to vispruner only (random does not take it)" in capsys.readouterr().out
 
 
-@pytest.fixture
-def testbed_clip(tmp_path):
-    """A random CLIP saved to ``tmp_path`` whose vision dims are the LLaVA testbed tower's."""
-    from tests.tiny_models import tiny_clip, tiny_clip_tokenizer
-
-    model, _ = vispruner.testbed.model.load_model("testbed")
-    tiny_clip(model).save_pretrained(tmp_path)
-    tiny_clip_tokenizer().save_pretrained(tmp_path)
-    return str(tmp_path)
-
-
 def test_clip_is_loaded_once_and_goes_to_cdpruner_with_the_questions(testbed_clip, capsys, monkeypatch):
     from transformers import CLIPModel
 
