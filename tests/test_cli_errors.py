@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
 import os
 import subprocess
@@ -139,7 +140,7 @@ def test_an_option_some_methods_take_goes_to_those_and_the_output_says_so(capsys
     assert "note: --important-ratio 0.25 applies to vispruner only (random does not take it)" in capsys.readouterr().out
 
 
-def test_clip_is_loaded_once_and_goes_to_cdpruner_with_the_questions(testbed_clip, capsys, monkeypatch):
+def test_clip_is_loaded_once_and_goes_to_cdpruner_with_the_questions(testbed_clip, capsys, monkeypatch, tmp_path):
     from transformers import CLIPModel
 
     from vispruner.adapters.clip_joint import ClipJoint
@@ -165,8 +166,10 @@ def test_clip_is_loaded_once_and_goes_to_cdpruner_with_the_questions(testbed_cli
     monkeypatch.setattr(vispruner.eval.runner, "evaluate", spy)
     monkeypatch.setattr(CLIPModel, "from_pretrained", classmethod(counted))
     monkeypatch.setattr(vispruner, "instructions", questions)
-    argv = ["eval", "--methods", "cdpruner,random", "--clip", testbed_clip, "--tokens", "8,4", "--n", "2", "--no-progress"]
+    argv = ["eval", "--methods", "cdpruner,random", "--clip", testbed_clip, "--tokens", "8,4", "--n", "2", "--no-progress",
+            "--json", str(tmp_path / "eval.json")]
     assert main(argv) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["options"]["cdpruner"] == {"clip": testbed_clip}
     assert loads == [testbed_clip]
     assert isinstance(calls[0]["cdpruner"]["clip"], ClipJoint) and calls[0]["random"] == {}
     assert f"note: --clip {testbed_clip} applies to cdpruner only (random does not take it)" in capsys.readouterr().out

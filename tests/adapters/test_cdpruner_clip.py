@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import vispruner
-from tests.tiny_models import tiny_clip, tiny_clip_tokenizer, tiny_inputs, tiny_llava
+from tests.tiny_models import tiny_clip, tiny_clip_tokenizer, tiny_llava
 from tests.tiny_qwen import BUILDERS as QWEN_BUILDERS
 
-from .cases import FAMILIES, TEXTS, model_and_inputs
+from .cases import FAMILIES, model_and_inputs
 from .reference import _crops
 
 NUM_TOKENS = 5
@@ -141,9 +141,8 @@ def test_missing_or_miscounted_questions_are_refused():
         model.generate(**inputs, max_new_tokens=1)
     with pytest.raises(ValueError, match=r"\(2\); got 1"), vispruner.instructions(model, ["one"]):
         model.generate(**inputs, max_new_tokens=1)
-    with pytest.raises(ValueError, match="texts must be a sequence of strings"):
-        with vispruner.instructions(model, "one question"):
-            pass
+    with pytest.raises(ValueError, match="texts must be a sequence of strings"), vispruner.instructions(model, "one"):
+        pass
     with vispruner.instructions(tiny_llava(), ["one"]) as unpatched:  # nothing to give them to
         assert not hasattr(unpatched, "_vispruner")
 

@@ -22,7 +22,8 @@ own, as in the authors' code (which LLaVA-NeXT's fine-tuned tower changes).
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,8 +46,17 @@ class ClipJoint:
         #: Whether vispruner loaded the model (and may move it to the LLaVA model's device).
         self.owned = owned
 
+    def __str__(self) -> str:
+        """Where the CLIP came from, as reports (``vispruner eval --json``) show the option."""
+        return getattr(self.model, "name_or_path", "") or type(self.model).__name__
+
     def __repr__(self) -> str:
-        return f"ClipJoint({getattr(self.model, 'name_or_path', '') or type(self.model).__name__})"
+        return f"ClipJoint({self})"
+
+    def __deepcopy__(self, memo: dict) -> "ClipJoint":
+        # Loaded once and read only: copies of the settings holding it (dataclasses.asdict in
+        # the bench report) share it rather than copy its weights.
+        return self
 
     def check(self, model: nn.Module, family_name: str) -> None:
         """``ValueError`` naming ``clip`` unless ``model`` (a patched VLM of ``family_name``) has a
@@ -63,10 +73,10 @@ class ClipJoint:
         ours, theirs = model.config.vision_config, self.model.config.vision_config
         fields = ("hidden_size", "image_size", "patch_size")
         if any(getattr(ours, name) != getattr(theirs, name) for name in fields):
-            show = lambda config: ", ".join(f"{name}={getattr(config, name)}" for name in fields)  # noqa: E731
+            shown = [", ".join(f"{name}={getattr(config, name)}" for name in fields) for config in (ours, theirs)]
             raise ValueError(
                 f"clip must be the CLIP model of the LLaVA vision tower (the same {', '.join(fields)}); the model's "
-                f"tower has {show(ours)}, the CLIP given has {show(theirs)}"
+                f"tower has {shown[0]}, the CLIP given has {shown[1]}"
             )
         if post_layernorm(tower) is None:
             raise ValueError(f"clip needs the model's vision tower's post_layernorm; {type(tower).__name__} has none")
