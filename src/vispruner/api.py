@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Iterable
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator, Sequence, TypeVar
 
@@ -203,14 +204,16 @@ def instructions(model: Model, texts: Sequence[str]) -> Iterator[Model]:
     patched, reads the instruction from the prompt's tokens or needs none, and does not use them
     (so callers may always give them). ``ValueError`` if ``texts`` is not a sequence of strings.
     """
-    if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
-        raise ValueError(f"texts must be a sequence of strings, one per prompt row; got {type(texts).__name__}")
+    given = type(texts).__name__
+    texts = list(texts) if isinstance(texts, Iterable) and not isinstance(texts, str) else None
+    if texts is None or not all(isinstance(text, str) for text in texts):
+        raise ValueError(f"texts must be a sequence of strings, one per prompt row; got {given}")
     pruner = _pruner(model)
     if pruner is None:
         yield model
         return
     before = getattr(pruner, "texts", None)
-    pruner.texts = list(texts)
+    pruner.texts = texts
     try:
         yield model
     finally:

@@ -141,8 +141,11 @@ def test_missing_or_miscounted_questions_are_refused():
         model.generate(**inputs, max_new_tokens=1)
     with pytest.raises(ValueError, match=r"\(2\); got 1"), vispruner.instructions(model, ["one"]):
         model.generate(**inputs, max_new_tokens=1)
-    with pytest.raises(ValueError, match="texts must be a sequence of strings"), vispruner.instructions(model, "one"):
-        pass
+    for wrong in ("one", 3, ["one", None]):
+        with pytest.raises(ValueError, match="texts must be a sequence of strings"), vispruner.instructions(model, wrong):
+            pass
+    with vispruner.instructions(model, (text for text in QUESTIONS)):  # any iterable, read once
+        model.generate(**inputs, max_new_tokens=1)
     with vispruner.instructions(tiny_llava(), ["one"]) as unpatched:  # nothing to give them to
         assert not hasattr(unpatched, "_vispruner")
 

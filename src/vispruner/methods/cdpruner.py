@@ -153,8 +153,8 @@ def _from_signals(signals: VisionSignals, num_tokens: int, clip: object = None) 
     text = require_signal(signals, "text", "cdpruner")
     if clip is not None:
         # Paper-exact (adapters/clip_joint.py): the relevance in CLIP's joint space, the patches'
-        # visual projection against CLIP's text embeddings of the question; the adapter computed
-        # both from the ``clip`` model, which the selection itself never sees.
+        # visual projection against CLIP's text embeddings of the question. The adapter computed
+        # both with the ``clip`` model; here its presence only selects those signals.
         joint = require_signal(signals, "joint", "cdpruner")
         return Selection(keep=cdpruner_selection(projected, joint, text.to(joint.device), num_tokens))
     # The variant for models without CLIP's joint space (docs/methods.md): the projected visual
