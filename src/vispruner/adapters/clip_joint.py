@@ -78,8 +78,6 @@ class ClipJoint:
                 f"clip must be the CLIP model of the LLaVA vision tower (the same {', '.join(fields)}); the model's "
                 f"tower has {shown[0]}, the CLIP given has {shown[1]}"
             )
-        if post_layernorm(tower) is None:
-            raise ValueError(f"clip needs the model's vision tower's post_layernorm; {type(tower).__name__} has none")
         if self.owned:
             self.model.to(next(tower.parameters()).device)
 
@@ -106,13 +104,11 @@ class ClipJoint:
         return result
 
 
-def post_layernorm(tower: nn.Module) -> nn.Module | None:
-    """The tower's final layer norm (transformers 5.x keeps it on the tower; 4.x on ``vision_model``)."""
-    for owner in (tower, getattr(tower, "vision_model", None)):
-        norm = getattr(owner, "post_layernorm", None)
-        if isinstance(norm, nn.Module):
-            return norm
-    return None
+def post_layernorm(tower: nn.Module) -> nn.Module:
+    """A ``CLIPVisionModel``'s final layer norm (on the tower in transformers 5.x, on its
+    ``vision_model`` in 4.x, where the authors' code reads it)."""
+    norm = getattr(tower, "post_layernorm", None)
+    return norm if norm is not None else tower.vision_model.post_layernorm
 
 
 def check_family(family_name: str) -> None:
