@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
 import os
 import subprocess
@@ -70,6 +71,11 @@ def picture(tmp_path):
             "vispruner eval: --important-ratio is an option of vispruner; none of the methods asked for",
         ),
         (["eval", "--contextual-ratio", "2"], "vispruner eval: --contextual-ratio is an option of visionzip"),
+        (["eval", "--clip", "/no/such/clip"], "vispruner eval: --clip is an option of cdpruner; none of the methods asked"),
+        (
+            ["eval", "--methods", "cdpruner", "--clip", "/no/such/clip"],
+            "vispruner eval: --clip: clip: could not load a CLIP model and tokenizer from '/no/such/clip'",
+        ),
         (["eval", "--json", "/no/such/folder/eval.json"], "vispruner eval: --json: folder '/no/such/folder' does not exist"),
         (["eval", "--model", "/no/such/model"], "vispruner eval: --model '/no/such/model': cannot read its config"),
         (
@@ -132,6 +138,47 @@ def test_an_option_some_methods_take_goes_to_those_and_the_output_says_so(capsys
     assert main(argv) == 0
     assert calls == [{"vispruner": {"important_ratio": 0.25}, "random": {}}]
     assert "note: --important-ratio 0.25 applies to vispruner only (random does not take it)" in capsys.readouterr().out
+
+
+def test_clip_is_loaded_once_and_goes_to_cdpruner_with_the_questions(testbed_clip, capsys, monkeypatch, tmp_path):
+    from transformers import CLIPModel
+
+    from vispruner.adapters.clip_joint import ClipJoint
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    calls, loads = [], []
+    original, load = vispruner.eval.runner.evaluate, CLIPModel.from_pretrained.__func__
+    seen = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["options"])
+        return original(*args, **kwargs)
+
+    def counted(cls, *args, **kwargs):
+        loads.append(args[0])
+        return load(cls, *args, **kwargs)
+
+    def questions(model, texts):  # what answer() hands the clip option
+        seen.append(list(texts))
+        return instructions(model, texts)
+
+    instructions = vispruner.instructions
+    monkeypatch.setattr(vispruner.eval.runner, "evaluate", spy)
+    monkeypatch.setattr(CLIPModel, "from_pretrained", classmethod(counted))
+    monkeypatch.setattr(vispruner, "instructions", questions)
+    argv = ["eval", "--methods", "cdpruner,random", "--clip", testbed_clip, "--tokens", "8,4", "--n", "2", "--no-progress",
+            "--json", str(tmp_path / "eval.json")]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["options"]["cdpruner"] == {"clip": testbed_clip}
+    assert loads == [testbed_clip]
+    assert isinstance(calls[0]["cdpruner"]["clip"], ClipJoint) and calls[0]["random"] == {}
+    assert f"note: --clip {testbed_clip} applies to cdpruner only (random does not take it)" in capsys.readouterr().out
+    assert seen and all(len(texts) == 2 and all(texts) for texts in seen)
+
+
+def test_clip_on_a_family_without_clip_stops_before_work(testbed_clip, capsys, no_work):
+    line = usage_error(["eval", "--model", "testbed-qwen", "--methods", "cdpruner", "--clip", testbed_clip], capsys)
+    assert "clip is for the families with a CLIP vision tower (LLaVA-1.5, LLaVA-NeXT); got a Qwen2.5-VL" in line
 
 
 def test_python_dash_m_vispruner():
@@ -206,13 +253,14 @@ def _cases(pick: int) -> list:
 def test_the_range_table_covers_every_ranged_option():
     assert ABOVE_1 != "1" and float(ABOVE_1) > 1 and float(BELOW_0) < 0 and float(ABOVE_100_PERCENT[:-1]) / 100 > 1
     ranged = {(before[0], option) for before, option, *_ in RANGES}
-    # Every option whose type reads a bounded integer, and every method option, for each command.
+    # Every option whose type reads a bounded integer, and every numeric method option, for each command.
     for command in ("eval", "demo", "bench"):
         parser = argparse.ArgumentParser()
         importlib.import_module(COMMANDS[command][0]).add_arguments(parser)
         for action in parser._actions:
             bounded = getattr(action.type, "__qualname__", "").startswith("integer_at_least")
-            if bounded or action.dest in METHOD_OPTIONS or action.dest == "tokens":
+            numeric = action.dest in METHOD_OPTIONS and METHOD_OPTIONS[action.dest][0] is not str  # not --clip's path
+            if bounded or numeric or action.dest == "tokens":
                 assert (command, action.option_strings[0]) in ranged, (command, action.option_strings)
 
 

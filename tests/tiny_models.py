@@ -20,6 +20,10 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     BatchFeature,
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTokenizerFast,
     CLIPVisionConfig,
     Gemma3Config,
     Gemma3ForConditionalGeneration,
@@ -39,6 +43,7 @@ from transformers import (
     Qwen2Config,
     SiglipVisionConfig,
 )
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
@@ -302,3 +307,35 @@ def tiny_gemma3(
     # Gemma 3 initialises the projection to zeros (all image tokens equal); random weights make pruning matter.
     torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.2)
     return _finish(model, attn_implementation)
+
+
+def tiny_clip_tokenizer() -> CLIPTokenizerFast:
+    """CLIP's byte-level BPE without merges: every character is a token (``</w>`` ends a word)."""
+    chars = list(bytes_to_unicode().values())
+    vocab = {char: i for i, char in enumerate(chars)}
+    vocab.update({char + "</w>": len(chars) + i for i, char in enumerate(chars)})
+    vocab.update({"<|startoftext|>": 2 * len(chars), "<|endoftext|>": 2 * len(chars) + 1})
+    return CLIPTokenizerFast(vocab=vocab, merges=[])
+
+
+def tiny_clip(model, seed: int = 0, **vision: int) -> CLIPModel:
+    """A random CLIP whose vision config is ``model``'s tower's (``vision`` overrides fields), with
+    a 77-position text tower over :func:`tiny_clip_tokenizer`'s vocabulary; ``eos_token_id=2``
+    as in OpenAI's checkpoints (the text tower pools at the highest id of each segment)."""
+    tokenizer = tiny_clip_tokenizer()
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=24,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+    config = CLIPConfig(
+        text_config=text.to_dict(), vision_config={**model.config.vision_config.to_dict(), **vision}, projection_dim=16
+    )
+    torch.manual_seed(seed)
+    return CLIPModel(config).eval()

@@ -21,6 +21,7 @@ _LAZY = {
     "remove": "vispruner.api",
     "pruned": "vispruner.api",
     "last_selection": "vispruner.api",
+    "instructions": "vispruner.api",
 }
 
 

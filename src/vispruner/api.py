@@ -1,10 +1,12 @@
-"""Plug-and-play pruning for Hugging Face models: ``apply``, ``remove``, ``pruned``, ``last_selection``."""
+"""Plug-and-play pruning for Hugging Face models: ``apply``, ``remove``, ``pruned``, ``last_selection``,
+``instructions``."""
 
 from __future__ import annotations
 
 import numbers
+from collections.abc import Iterable
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, TypeVar
 
 if TYPE_CHECKING:
     from .adapters.vision_stage import Family, ImageSelection, Settings
@@ -59,6 +61,10 @@ def apply(
             decoding continues after the unpruned length. Qwen-VL models take ``"original"``
             only (their default): kept tokens keep their 3D M-RoPE positions.
         **options: the method's own options, each checked against its range in ``Method.options``.
+            ``method="cdpruner"`` takes ``clip``: the CLIP model of a LLaVA or LLaVA-NeXT vision
+            tower (a ``transformers.CLIPModel``, a ``(CLIPModel, tokenizer)`` pair, or a
+            checkpoint id or path, loaded once in float32), for the authors' relevance in CLIP's
+            joint space; the questions then come from :func:`instructions`.
 
     Vision-stage methods prune before the language model. ``method="fastv"`` prunes inside it:
     decoder layers before ``layer`` (option, default 2) see every image token, the later ones
@@ -130,6 +136,10 @@ def check_arguments(
     else:
         num_tokens = check_num_tokens(DEFAULT_NUM_TOKENS if num_tokens is None else num_tokens)
     options = check_options(chosen, options)
+    if options.get("clip") is not None and family is not None:
+        from .adapters.clip_joint import check_family
+
+        check_family(family.name)
     important_ratio = check_ratio(important_ratio, "important_ratio")
     if "important_ratio" in chosen.options:
         options = {**options, "important_ratio": important_ratio}
@@ -182,6 +192,32 @@ def pruned(model: Model, *args: Any, **kwargs: Any) -> Iterator[Model]:
         remove(model)
         if before is not None:
             before.install()
+
+
+@contextmanager
+def instructions(model: Model, texts: Sequence[str]) -> Iterator[Model]:
+    """``with vispruner.instructions(model, questions): model.generate(...)``: the question of each
+    prompt row (``texts[i]`` for row i of ``input_ids``) for the calls in the block.
+
+    CDPruner with ``clip`` embeds them with CLIP's text tower, as the authors do (their eval
+    passes the question alone, without the chat template); every other setting, and a model not
+    patched, reads the instruction from the prompt's tokens or needs none, and does not use them
+    (so callers may always give them). ``ValueError`` if ``texts`` is not a sequence of strings.
+    """
+    given = type(texts).__name__
+    texts = list(texts) if isinstance(texts, Iterable) and not isinstance(texts, str) else None
+    if texts is None or not all(isinstance(text, str) for text in texts):
+        raise ValueError(f"texts must be a sequence of strings, one per prompt row; got {given}")
+    pruner = _pruner(model)
+    if pruner is None:
+        yield model
+        return
+    before = getattr(pruner, "texts", None)
+    pruner.texts = texts
+    try:
+        yield model
+    finally:
+        pruner.texts = before
 
 
 def last_selection(model: object) -> "list[ImageSelection] | None":

@@ -56,6 +56,24 @@ def test_reduced_depth_is_said_plainly(tmp_path, capsys):
     assert "cut to 1 of its 4 layers" in capsys.readouterr().out
 
 
+def test_cdpruner_with_clip_is_timed_and_reported_by_its_path(tmp_path):
+    from types import SimpleNamespace
+
+    from tests.tiny_models import tiny_clip, tiny_clip_tokenizer
+    from vispruner.bench.presets import PRESETS
+
+    tower = SimpleNamespace(config=PRESETS["tiny-llava"].config())
+    tiny_clip(tower).save_pretrained(tmp_path / "clip")
+    tiny_clip_tokenizer().save_pretrained(tmp_path / "clip")
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--preset", "tiny-llava", "--tokens", "8", "--methods", "cdpruner", "--clip", str(tmp_path / "clip"),
+            "--repeats", "1", "--new-tokens", "2", "--json", str(out), "--no-progress"]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["meta"]["skipped"] == [] and [row["method"] for row in result["rows"]] == ["none", "cdpruner"]
+    assert result["meta"]["settings"]["options"] == {"cdpruner": {"clip": str(tmp_path / "clip")}}
+
+
 def test_a_checkpoint_on_disk_loads_only_the_layers_asked_for(tmp_path):
     from vispruner.bench import build_preset
 

@@ -35,6 +35,22 @@ def test_batched_generation_matches_the_eval_path_one_question_at_a_time(testbed
     assert sum(r.split()[0] == s.question.answer for r, s in zip(replies, samples) if r.split()) >= 6
 
 
+def test_clip_is_loaded_once_and_each_row_gets_its_question(testbed, testbed_clip):
+    from vispruner.adapters.clip_joint import ClipJoint
+
+    _, _, samples = testbed
+    args = parse_model_args({"pretrained": "testbed", "method": "cdpruner", "clip": testbed_clip, "num_tokens": 5})
+    assert isinstance(args.pruning["clip"], ClipJoint)
+    model, processor = load(args, "cpu")
+    generate(model, processor, requests(samples[:3]), Generation(until=(), max_new_tokens=1))
+    batched = [s.keep for s in vispruner.last_selection(model)]
+    alone = []
+    for sample in samples[:3]:  # the eval path, one question at a time
+        answer(model, processor, [sample.scene.render()], [sample.question.text], 1)
+        alone.append(vispruner.last_selection(model)[0].keep)
+    assert all(torch.equal(a, b) for a, b in zip(batched, alone)) and len(batched) == 3
+
+
 def test_loaded_model_is_pruned_as_the_model_args_say(testbed):
     _, _, samples = testbed
     model, processor = load(parse_model_args({"pretrained": "testbed", "num_tokens": 5}), "cpu")

@@ -37,6 +37,7 @@ from torch import nn
 from ..methods.base import Method, VisionSignals
 from . import hf_seam
 from .budget import ratio_tokens, shared_tokens
+from .clip_joint import ClipJoint
 from .instruction import instruction_embeddings, items_per_row
 from .patching import InstancePatch, Outermost, bind_arguments
 from .sequence import CompactedPrefix, compact
@@ -328,6 +329,12 @@ class VisionStagePruner:
         #: (input_ids, attention_mask) of the generate() or forward() call under way, for methods
         #: that select by the instruction.
         self._prompt: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
+        #: CDPruner's CLIP joint space (its ``clip`` option), checked against this model, or None.
+        self.clip: ClipJoint | None = settings.options.get("clip")
+        if self.clip is not None:
+            self.clip.check(model, family.name)
+        #: Per prompt row, its question, given by :func:`vispruner.instructions` (``clip`` reads it).
+        self.texts: list[str] | None = None
         self._patch = InstancePatch()
         self._outermost = Outermost()
 
@@ -365,9 +372,10 @@ class VisionStagePruner:
             def on_features(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
                 features = tap.features(inputs)
                 projected = tap.project(inputs) if "projected" in needs else None
+                joint = None if self.clip is None else self.clip.image_embeds(self.model.model.vision_tower, features)
                 keep, important, replaced = select_tokens(
                     self.settings, items, features, tap.attention(), tap.keys(), projected,
-                    self.family.shared_piece_budget, texts,
+                    self.family.shared_piece_budget, texts, joint,
                 )
                 chosen.update(keep=keep, important=important)
                 return None if replaced is None else tap.substitute(inputs, replaced.to(features.dtype))
@@ -405,7 +413,8 @@ class VisionStagePruner:
         return output
 
     def _instructions(self, modality: Modality, items: list[Item], arguments: dict[str, Any]) -> list[torch.Tensor]:
-        """Per item, its prompt row's instruction embeddings (see :mod:`.instruction`)."""
+        """Per item, its prompt row's instruction embeddings (see :mod:`.instruction`), or with
+        ``clip`` the CLIP text embeddings of its row's question (:func:`vispruner.instructions`)."""
         name = self.settings.method.name
         if self._prompt is None or self._prompt[0] is None:
             raise ValueError(
@@ -421,6 +430,17 @@ class VisionStagePruner:
                 f"{name} reads each image's instruction from its prompt row, but the {modality.name} placeholders "
                 f"of input_ids do not match the {len(items)} {modality.name}(s) given"
             )
+        if self.clip is not None:
+            if self.texts is None or len(self.texts) != len(counts):
+                got = "none" if self.texts is None else f"{len(self.texts)}"
+                raise ValueError(
+                    f"{name} with clip embeds each prompt row's question with CLIP's text tower: call the model inside "
+                    f"`with vispruner.instructions(model, questions):` with one question per row of input_ids "
+                    f"({len(counts)}); got {got}"
+                )
+            rows = [row for row, count in enumerate(counts) if count]
+            embeds = self.clip.text_embeds([self.texts[row] for row in rows], input_ids.device)
+            return [embed for embed, row in zip(embeds, rows) for _ in range(counts[row])]
         placeholders = [getattr(self.model.config, other.token_id) for other in self.family.modalities]
         return instruction_embeddings(self.model, input_ids, mask, placeholders, counts)
 
@@ -653,8 +673,11 @@ def select_tokens(
     projected: torch.Tensor | None,
     shared_piece_budget: bool = False,
     texts: list[torch.Tensor] | None = None,
+    joint: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Run the method on (T, C) features; return (T,) keep, important and (T, C) features.
+
+    ``joint``: (T, E) the tokens in CLIP's joint space, for CDPruner's ``clip`` option.
 
     The budget's unit is a piece (``budget="per_crop"``) or a whole item (``"per_image"``,
     its pieces stacked vertically into one grid, so the method spends the budget where the
@@ -700,6 +723,7 @@ def select_tokens(
             grid=grid,
             projected=gather(projected),
             text=None if texts is None else texts[owner],
+            joint=gather(joint),
         )
         with torch.no_grad():
             selection = settings.method.select(signals, budget, **settings.options)

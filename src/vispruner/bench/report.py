@@ -88,7 +88,8 @@ def _cell(value: Any, form: str) -> str:
 
 
 def write_json(result: BenchResult, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    # default=str: an option that holds a model (cdpruner's clip) is reported as its path.
+    Path(path).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
 
 
 def plot(result: BenchResult, path: str | Path) -> None:

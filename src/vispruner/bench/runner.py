@@ -35,6 +35,8 @@ from typing import Any, Callable
 import torch
 from transformers import LogitsProcessorList, PreTrainedModel
 
+import vispruner
+
 from ..adapters.hf_seam import cache_of
 from ..methods import check_options, get_method
 from .flops import flop_counter, llm_prefill_flops, split_counts
@@ -51,6 +53,8 @@ from .timing import DecodeClock, PrefillBreakdown, hook_keys, median
 
 #: The unpruned model's row.
 FULL = "none"
+#: Each prompt's question for CDPruner's ``clip`` option (bench's prompts are random words).
+BENCH_QUESTION = "What is shown in the image?"
 
 
 @dataclass
@@ -136,17 +140,22 @@ class _Bench:
         images = image_inputs(model, settings.batch_size, default_image_size(model), settings.seed)
         self.visual_tokens = placeholders_per_image(model, images)
         self.inputs = prompt_inputs(model, images, self.visual_tokens, settings.text_tokens, settings.seed)
+        #: The question CDPruner's clip option embeds with CLIP's text tower (the prompt's words
+        #: are random: only the cost is measured).
+        self.questions = [BENCH_QUESTION] * settings.batch_size
         self.resident = resident_bytes(*model.parameters(), *model.buffers(), *self.inputs.values())
 
     def prefill(self) -> Any:
-        return self.model(**self.inputs, use_cache=True, logits_to_keep=1)
+        with vispruner.instructions(self.model, self.questions):
+            return self.model(**self.inputs, use_cache=True, logits_to_keep=1)
 
     def generate(self, clock: DecodeClock | None = None) -> Any:
         n = self.settings.new_tokens
         processors = LogitsProcessorList([clock] if clock else [])
-        return self.model.generate(
-            **self.inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, logits_processor=processors
-        )
+        with vispruner.instructions(self.model, self.questions):
+            return self.model.generate(
+                **self.inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, logits_processor=processors
+            )
 
     def count(self) -> dict[str, Any]:
         """One prefill under the FLOP counter: FLOPs, tokens per decoder layer, KV cache."""
@@ -193,8 +202,6 @@ class _Bench:
         run just before it (``vispruner.remove``, then ``patch()`` again), so that drifts in the
         machine's speed cancel.
         """
-        import vispruner
-
         row = self.count()
         self.step()
         for _ in range(self.settings.warmup):
@@ -260,7 +267,6 @@ def run_bench(
     Returns:
         A :class:`BenchResult`; its rows are the unpruned model (method ``"none"``) first.
     """
-    import vispruner
     from tqdm.auto import tqdm
 
     settings = settings or BenchSettings()

@@ -25,6 +25,8 @@ class UsageError(Exception):
 METHOD_OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "important_ratio": (float, "VisPruner's share of the kept tokens chosen by [CLS] attention (default 0.5)"),
     "contextual_ratio": (float, "VisionZip's share of the kept tokens that are merged contextual tokens (default 10/64)"),
+    "clip": (str, "CDPruner on LLaVA / LLaVA-NeXT: the CLIP checkpoint (hub id or path) of the vision tower, for the "
+             "authors' relevance in CLIP's joint space (docs/methods.md)"),
 }
 
 
@@ -101,6 +103,7 @@ def method_options(args: argparse.Namespace, methods: Sequence[str]) -> MethodOp
         if not takers:
             owners = ", ".join(name for name in available_methods() if option in get_method(name).options)
             raise UsageError(f"{flag(option)} is an option of {owners}; none of the methods asked for ({', '.join(methods)}) takes it")
+        given = value
         try:
             value = get_method(takers[0]).options[option](value, option)
         except ValueError as error:
@@ -111,7 +114,7 @@ def method_options(args: argparse.Namespace, methods: Sequence[str]) -> MethodOp
             others = [name for name in methods if name not in takers]
             verb = "does" if len(others) == 1 else "do"
             notes.append(
-                f"{flag(option)} {value:g} applies to {', '.join(takers)} only ({', '.join(others)} {verb} not take it)"
+                f"{flag(option)} {given} applies to {', '.join(takers)} only ({', '.join(others)} {verb} not take it)"
             )
     return MethodOptions(per_method, notes)
 

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             "rows": [row.as_dict() for row in rows],
         }
         with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
+            json.dump(report, handle, indent=2, default=str)  # cdpruner's clip option: its path
     if args.plot:
         plot(rows, full.accuracy, args.plot, title=f"{args.model}, n={args.n}")
     return 0

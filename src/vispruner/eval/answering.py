@@ -21,10 +21,12 @@ def answer(
     """Greedy answers to ``questions[i]`` about ``images[i]``, normalised to one word each."""
     import torch
 
+    import vispruner
     from vispruner.testbed.model import encode
 
     inputs = encode(processor, images, questions)
-    with torch.inference_mode():
+    # The questions as asked, for CDPruner's clip option (which embeds them with CLIP's text tower).
+    with torch.inference_mode(), vispruner.instructions(model, questions):
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new = output[:, inputs["input_ids"].shape[1] :]
     return [normalise(text) for text in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]

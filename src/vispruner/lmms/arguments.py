@@ -50,19 +50,21 @@ def parse_model_args(given: dict[str, Any]) -> ModelArgs:
                 f"model_args {', '.join(unknown)}: unknown for method={method}; allowed: "
                 f"{', '.join(sorted(allowed | {'pretrained', 'method', *LOADING}))}"
             )
-        pruning = args
-        check_pruning(method, pruning)
+        pruning = check_pruning(method, args)
     return ModelArgs(pretrained, method, pruning, **_loading(loading))
 
 
-def check_pruning(method: str, pruning: dict[str, Any], family: Any = None) -> None:
-    """:func:`vispruner.apply`'s own checks (for ``family``, once the checkpoint's is known)."""
+def check_pruning(method: str, pruning: dict[str, Any], family: Any = None) -> dict[str, Any]:
+    """:func:`vispruner.apply`'s own checks (for ``family``, once the checkpoint's is known);
+    ``pruning`` with the method's options as the checks return them (CDPruner's ``clip`` loaded,
+    once)."""
     from vispruner.api import check_arguments
 
     try:
-        check_arguments(method=method, family=family, **pruning)
+        settings = check_arguments(method=method, family=family, **pruning)
     except (ValueError, TypeError) as error:  # TypeError: a method the family cannot run
         raise ValueError(f"model_args {error}") from None
+    return {key: settings.options.get(key, value) for key, value in pruning.items()}
 
 
 def pruning_keys() -> tuple[str, ...]:

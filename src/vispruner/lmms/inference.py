@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Sequence
 
+import vispruner
+
 #: lmms-eval prompts may carry LLaVA's image placeholder; the chat template places images instead.
 IMAGE_PLACEHOLDER = "<image>"
 #: Token cap when a task sets none (lmms-eval's Hugging Face models use the same).
@@ -89,11 +91,17 @@ def video_frames(path: str, count: int) -> Any:
     return np.stack([frames[i] for i in picks])
 
 
+def question(context: str) -> str:
+    """A request's text without its image placeholders: the user turn's text, and the question
+    that CDPruner's ``clip`` option embeds (with the task's instructions around it, if any)."""
+    return context.replace(IMAGE_PLACEHOLDER, "").strip()
+
+
 def chat_prompt(processor: Any, context: str, visuals: Visuals) -> str:
     """``context`` after the request's images and videos, as one user turn of the model's chat template."""
     content: list[dict[str, Any]] = [{"type": "image"} for _ in visuals.images]
     content += [{"type": "video"} for _ in visuals.videos]
-    content.append({"type": "text", "text": context.replace(IMAGE_PLACEHOLDER, "").strip()})
+    content.append({"type": "text", "text": question(context)})
     messages = [{"role": "user", "content": content}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
@@ -124,7 +132,7 @@ def generate(model: Any, processor: Any, requests: Sequence[tuple[str, Visuals]]
     if generation.until:
         start = inputs["input_ids"].shape[1]
         settings["stopping_criteria"] = [StopSequences(processor.tokenizer, generation.until, start)]
-    with torch.inference_mode():
+    with torch.inference_mode(), vispruner.instructions(model, [question(context) for context, _ in requests]):
         output = model.generate(**inputs, **settings)
     replies = processor.tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     return [cut(reply, generation.until) for reply in replies]
@@ -163,7 +171,7 @@ def loglikelihoods(model: Any, processor: Any, requests: Sequence[tuple[str, str
     whole = encode(model, processor, [p + continuation for p, (_, continuation, _) in zip(prompts, requests)], visuals)
     alone = encode(model, processor, prompts, visuals)
     lengths = (whole["attention_mask"].sum(1) - alone["attention_mask"].sum(1)).tolist()
-    with torch.inference_mode():
+    with torch.inference_mode(), vispruner.instructions(model, [question(context) for context, _, _ in requests]):
         logits = model(**whole).logits  # FastV returns kept positions only; the last ones are the text's
     ids = whole["input_ids"]
     results = []

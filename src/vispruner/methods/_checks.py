@@ -93,6 +93,7 @@ _SIGNALS = {
     "grid": "the patch grid (rows, cols)",
     "projected": "the projected visual tokens",
     "text": "the instruction's text embeddings",
+    "joint": "the patches' embeddings in CLIP's joint space (the clip option)",
 }
 
 

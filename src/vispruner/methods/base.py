@@ -31,6 +31,10 @@ class VisionSignals:
         text: (M, D) the instruction of the prompt these images belong to, as the language
             model's input embeddings of its text tokens (see docs/methods.md, CDPruner); None
             unless a method lists ``"text"`` in its ``needs``. All B rows belong to one image.
+            With CDPruner's ``clip`` option: (M, E) CLIP text embeddings of the question, one
+            row per 77-token segment.
+        joint: (B, N, E) the patches in CLIP's joint space (CLIP's visual projection of the
+            post-layernormed ``features``); None unless CDPruner's ``clip`` option is given.
     """
 
     features: "torch.Tensor"
@@ -39,6 +43,7 @@ class VisionSignals:
     grid: "tuple[int, int] | None" = None
     projected: "torch.Tensor | None" = None
     text: "torch.Tensor | None" = None
+    joint: "torch.Tensor | None" = None
 
 
 @dataclass

@@ -148,15 +148,28 @@ def _check_theta(theta: object) -> float | None:
     return float(theta) / (2 * (1 - float(theta)))
 
 
-def _from_signals(signals: VisionSignals, num_tokens: int) -> Selection:
+def _from_signals(signals: VisionSignals, num_tokens: int, clip: object = None) -> Selection:
+    projected = require_signal(signals, "projected", "cdpruner")
+    text = require_signal(signals, "text", "cdpruner")
+    if clip is not None:
+        # Paper-exact (adapters/clip_joint.py): the relevance in CLIP's joint space, the patches'
+        # visual projection against CLIP's text embeddings of the question. The adapter computed
+        # both with the ``clip`` model; here its presence only selects those signals.
+        joint = require_signal(signals, "joint", "cdpruner")
+        return Selection(keep=cdpruner_selection(projected, joint, text.to(joint.device), num_tokens))
     # The variant for models without CLIP's joint space (docs/methods.md): the projected visual
     # tokens are both the features and the image side of the relevance, the instruction's
     # input embeddings its text side. The authors' negated cosine is kept: on the bundled
     # testbed the plain cosine lost 21 points at 7 tokens (docs/testbed.md).
-    projected = require_signal(signals, "projected", "cdpruner")
-    text = require_signal(signals, "text", "cdpruner")
     keep = cdpruner_selection(projected, projected, text.to(projected.device), num_tokens)
     return Selection(keep=keep)
+
+
+def _check_clip(value: object, name: str) -> object:
+    # The CLIP model is model plumbing: the adapters load and validate it (once, here).
+    from ..adapters.clip_joint import load_clip
+
+    return None if value is None else load_clip(value, name)
 
 
 METHOD = register(
@@ -166,5 +179,6 @@ METHOD = register(
         paper="https://arxiv.org/abs/2506.10967",
         summary="conditional DPP: the most diverse tokens weighted by their relevance to the instruction",
         needs=frozenset({"projected", "text"}),
+        options={"clip": _check_clip},
     )
 )
