@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,26 @@ def save_tiny_next(path: Path, seed: int = 0) -> Path:
     )
     processor.save_pretrained(path)
     return path
+
+
+def save_qwen_testbed(path: Path) -> Path:
+    """The bundled Qwen2.5-VL testbed with its image processor letting sizes from 56 x 56 to 140 x 140 px
+    through (the shipped one resizes every image to 112 x 112 px), so that images of different sizes
+    reach the tower with grids of their own."""
+    from vispruner.testbed import qwen
+
+    shutil.copytree(qwen.WEIGHTS, path, dirs_exist_ok=True)
+    config = json.loads((path / "preprocessor_config.json").read_text())
+    config["size"] = {"shortest_edge": 56 * 56, "longest_edge": 140 * 140}
+    (path / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+def load_qwen_reference(path: Path) -> tuple[Any, Any]:
+    from vispruner.testbed import qwen
+
+    model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
+    return model, qwen.load_processor(path)
 
 
 def next_requests(sizes: list[list[tuple[int, int]]], seed: int = 0) -> list[Request]:

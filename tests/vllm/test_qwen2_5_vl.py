@@ -1,0 +1,77 @@
+"""The plugin on the bundled Qwen2.5-VL testbed against the library's transformers path: greedy
+tokens, log-probs within 1e-4 (kept tokens at their original 3D M-RoPE positions: a position error
+leaves the tiny model's tokens alone, only log-probs see it), prompt lengths (text + K per image)
+and kept indices, for every vision-stage method, images of different sizes, several per prompt."""
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed in this venv; .ci/vllm-tests.sh runs these tests in a venv of their own")
+
+from tests.tiny_models import random_images  # noqa: E402
+
+from .engines import (  # noqa: E402
+    Request,
+    assert_same,
+    engine,
+    library_results,
+    load_qwen_reference,
+    save_qwen_testbed,
+    scene_requests,
+    vllm_kept,
+    vllm_results,
+)
+
+METHODS = ["vispruner", "fastervlm", "visionzip", "divprune", "random", "pooling"]
+#: Merged tokens (14 px) of an image of (height, width) px: the testbed's 7 px patches, 2 x 2 merged.
+MERGED = 14
+
+
+def tokens_of(image) -> int:
+    return (image.height // MERGED) * (image.width // MERGED)
+
+
+@pytest.fixture(scope="module")
+def testbed(tmp_path_factory):
+    return save_qwen_testbed(tmp_path_factory.mktemp("qwen_testbed"))
+
+
+@pytest.fixture(scope="module")
+def reference(testbed):
+    return load_qwen_reference(testbed)
+
+
+def qwen_requests() -> list[Request]:
+    """Prompts of different lengths; images of 64, 60 + 32, 35 and 64 + 30 + 16 merged tokens (grids
+    narrower than, wider than and not a multiple of the tower's 4 x 4 windows). Images are set
+    apart by a word: the transformers path takes adjacent placeholder runs for one image."""
+    scenes = scene_requests(3)
+    noise = random_images([(84, 140), (56, 112), (98, 70), (70, 84), (56, 56)], seed=3)
+    two = Request(scenes[1].prompt.replace("<image>", "<image> or <image>"), noise[:2])
+    three = Request(scenes[2].prompt.replace("<image>", "<image> or <image> or <image>"), [scenes[2].images[0], *noise[3:]])
+    return [scenes[0], two, Request(scene_requests(1, start=3)[0].prompt, [noise[2]]), three]
+
+
+#: Each engine start costs 10-30 s here: CI runs VisPruner at every K and the methods with their
+#: own signals (keys and merged features, projected tokens, the grid) at K=16; `-m slow` runs the rest.
+CI_CASES = {("vispruner", 40), ("vispruner", 16), ("vispruner", 4), ("visionzip", 16), ("divprune", 16), ("pooling", 16)}
+CASES = [
+    pytest.param(method, k, marks=() if (method, k) in CI_CASES else pytest.mark.slow)
+    for method in METHODS
+    for k in (40, 16, 4)
+]
+
+
+@pytest.mark.parametrize(("method", "num_tokens"), CASES)
+def test_method_matches_library(testbed, reference, method, num_tokens):
+    options = {"method": method, "num_tokens": num_tokens}
+    requests = qwen_requests()
+    want = library_results(*reference, requests, options)
+    with engine(testbed, vispruner_options=options) as llm:
+        got = vllm_results(llm, requests)
+        chosen = vllm_kept(llm)
+    assert_same(got, want)
+    assert chosen == [image for r in want for image in r.kept]
+    for request, result in zip(requests, want):
+        unpruned = len(reference[1](images=request.images, text=[request.prompt])["input_ids"][0])
+        removed = sum(tokens_of(image) - min(num_tokens, tokens_of(image)) for image in request.images)
+        assert result.prompt_length == unpruned - removed
