@@ -59,11 +59,4 @@ def _checked_inspect(original: Any, architectures: Any, model_config: Any, *args
                 f"vispruner's vLLM plugin prunes {', '.join(SERVED.values())} with vLLM's own model classes; "
                 f"got architecture {architecture!r} (model_impl={getattr(model_config, 'model_impl', None)!r})"
             )
-        rate = getattr(getattr(model_config, "multimodal_config", None), "video_pruning_rate", None)
-        if rate:
-            raise ValueError(
-                f"video_pruning_rate={rate} switches on vLLM's own video pruning (EVS), which shares the position "
-                "hook the plugin uses for images and would prune videos by another rule; the plugin refuses videos "
-                "while it prunes. Serve with the vispruner override or with video_pruning_rate, not both"
-            )
     return result

@@ -102,17 +102,17 @@ class PrunableQwen2_5_VLProcessor(_RefuseEmbeddings, Qwen2_5_VLMultiModalProcess
             for update in updates
         ]
 
-    def apply(self, *args: Any, **kwargs: Any) -> Any:
-        result = super().apply(*args, **kwargs)
-        if settings_for(self.info.get_hf_config()) is not None:
-            length = len(result["prompt_token_ids"])
-            if any(place.offset + place.length == length for place in result["mm_placeholders"].get("image", [])):
-                raise ValueError(
-                    "vispruner: a pruned Qwen2.5-VL prompt must not end with an image: decoding continues after the "
-                    "unpruned image's extent, which vLLM's runner rebuilds from the prompt's last text token. Add "
-                    "text after the image (chat templates do)"
-                )
-        return result
+    def apply(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        # Checked before vLLM's processor caches the request's images (a request refused after that
+        # would leave its images cached on one side of vLLM's processor cache only).
+        config = self.info.get_hf_config()
+        if settings_for(config) is not None and inputs.prompt and inputs.prompt[-1] == config.image_token_id:
+            raise ValueError(
+                "vispruner: a pruned Qwen2.5-VL prompt must not end with an image: decoding continues after the "
+                "unpruned image's extent, which vLLM's runner rebuilds from the prompt's last text token. Add "
+                "text after the image (chat templates do)"
+            )
+        return super().apply(inputs, *args, **kwargs)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -240,6 +240,13 @@ def _placeholder_order(visual: Any, grids: list[list[int]]) -> torch.Tensor:
 
 def _refuse_unsupported(model: Any, vllm_config: Any) -> None:
     """What would bypass the hooks or split the batch the selection sees: refused at start-up."""
+    rate = model.multimodal_config.video_pruning_rate
+    if rate:
+        raise ValueError(
+            f"video_pruning_rate={rate} switches on vLLM's own video pruning (EVS), which shares the position hook "
+            "the plugin uses for images and would prune videos by another rule, while the plugin refuses videos. "
+            "Serve with the vispruner override or with video_pruning_rate, not both"
+        )
     visual = model.visual
     if len(visual.blocks) - 1 not in visual.fullatt_block_indexes:
         raise ValueError(
