@@ -133,3 +133,16 @@ def test_video_pruning_rate_refused(testbed):
     with pytest.raises(Exception, match="video_pruning_rate=0.5 switches on vLLM's own video pruning"):
         with engine(testbed, vispruner_options={"num_tokens": 16}, video_pruning_rate=0.5):
             pass
+
+
+def test_runner_check_refuses_a_vllm_without_the_hook(monkeypatch):
+    # What the position hook relies on is checked when a pruning engine starts; a vLLM whose runner
+    # no longer calls recompute_mrope_positions is refused, naming the version tested.
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vispruner.vllm import runner
+
+    runner.check()
+    monkeypatch.setattr(GPUModelRunner, "_gather_mm_embeddings", lambda self, scheduler_output: ([], None))
+    with pytest.raises(RuntimeError, match=r"as tested on vLLM 0\.32\.0.*lacks: GPUModelRunner\._gather_mm_embeddings"):
+        runner.check()

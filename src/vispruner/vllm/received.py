@@ -49,7 +49,7 @@ class KernelInputTap(MergerTap):
             # (1, S, h, d) -> (h, S, d), this rank's heads.
             query, key = query.detach()[0].transpose(0, 1), key.detach()[0].transpose(0, 1)
             received = mean_attention_received(query, key, module.scale, segments=self._bounds.to(query.device)) * local
-            grouped = key.transpose(0, 1).float().view(-1, self._unit, local, key.shape[-1]).mean(dim=1) if self._keep_keys else None
+            grouped = key.transpose(0, 1).float().reshape(-1, self._unit, local, key.shape[-1]).mean(dim=1) if self._keep_keys else None
             if attention.tp_size > 1:
                 from vllm.distributed import tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce
 
