@@ -142,6 +142,7 @@ def test_runner_check_refuses_a_vllm_without_the_hook(monkeypatch):
 
     from vispruner.vllm import runner
 
+    runner.install()  # as vLLM's plugin loading does (idempotent)
     runner.check()
     monkeypatch.setattr(GPUModelRunner, "_gather_mm_embeddings", lambda self, scheduler_output: ([], None))
     with pytest.raises(RuntimeError, match=r"as tested on vLLM 0\.32\.0.*lacks: GPUModelRunner\._gather_mm_embeddings"):
