@@ -38,7 +38,7 @@ from vllm.multimodal.video_prune.evs import compute_mrope_for_media
 from ..adapters.vision_stage import ImageSelection, Item, select_tokens
 from . import runner
 from .layout import Layout
-from .models import _RefuseEmbeddings
+from .models import RefuseEmbeddings
 from .received import KernelInputTap
 from .settings import settings_for
 
@@ -83,7 +83,7 @@ class PrunableQwen2_5_VLDummyInputs(Qwen2_5_VLDummyInputsBuilder):
         return text + self.info.get_tokenizer().eos_token
 
 
-class PrunableQwen2_5_VLProcessor(_RefuseEmbeddings, Qwen2_5_VLMultiModalProcessor):
+class PrunableQwen2_5_VLProcessor(RefuseEmbeddings, Qwen2_5_VLMultiModalProcessor):
     def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Any, out_mm_kwargs: Any) -> Any:
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         settings = settings_for(self.info.get_hf_config())
