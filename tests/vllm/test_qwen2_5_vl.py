@@ -121,7 +121,7 @@ def test_refused_requests(testbed):
     request = qwen_requests()[0]
     with engine(testbed, vispruner_options={"method": "vispruner", "num_tokens": 16}) as llm:
         video = (np.zeros((4, 56, 56, 3), dtype=np.uint8), {"fps": 2.0, "total_num_frames": 4, "frames_indices": [0, 1, 2, 3]})
-        with pytest.raises(ValueError, match="prunes Qwen2.5-VL images only: a video would need K tokens per temporal group"):
+        with pytest.raises(ValueError, match="prunes Qwen-VL images only: a video would need K tokens per temporal group"):
             llm.generate({"prompt": request.prompt.replace("<image>", "<video>"), "multi_modal_data": {"video": video}}, use_tqdm=False)
         with pytest.raises(ValueError, match="must not end with an image"):
             _generate(llm, Request(request.prompt.split("<image>")[0] + "<image>", request.images))

@@ -1,4 +1,4 @@
-"""vLLM's Qwen2.5-VL, registered over the built-in architecture name, pruning images when asked.
+"""vLLM's Qwen2.5-VL and Qwen3-VL, registered over the built-in architecture names, pruning images when asked.
 
 Imported by vLLM only (lazily). Without the ``vispruner`` override every method below hands
 over to vLLM's own; with it, each image keeps K merged tokens at their original 3D M-RoPE
@@ -13,14 +13,14 @@ positions, and decoding continues after the unpruned prompt, as the library's tr
 * ``embed_multimodal``: vLLM's tower runs with :class:`~.received.KernelInputTap` (the signal) and
   a pre-hook on its merger where the library's :func:`select_tokens` chooses; per image the kept
   rows are returned with the 4 position columns of vLLM's video pruning ((t, h, w) within the
-  image, then the grid width).
+  image, then the grid width). Qwen3-VL's tower returns each token's deepstack features
+  concatenated to it, so they follow the same keep mask.
 * ``recompute_mrope_positions`` (called by the runner through :mod:`.runner`'s hook): writes
   each kept token's position, image start + its (t, h, w), chunk by chunk.
 """
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,12 @@ from vllm.model_executor.models.qwen2_5_vl import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLMultiModalProcessor,
     Qwen2_5_VLProcessingInfo,
+)
+from vllm.model_executor.models.qwen3_vl import (
+    Qwen3VLDummyInputsBuilder,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMultiModalProcessor,
+    Qwen3VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
@@ -46,7 +52,7 @@ from .settings import settings_for
 POSITION_COLUMNS = 4
 
 VIDEO_REFUSED = (
-    "vispruner's vLLM plugin prunes Qwen2.5-VL images only: a video would need K tokens per temporal group at "
+    "vispruner's vLLM plugin prunes Qwen-VL images only: a video would need K tokens per temporal group at "
     "their 3D positions, which the plugin does not build yet, and serving it unpruned next to pruned images is "
     "not offered. Send images, or serve without the vispruner override"
 )
@@ -60,13 +66,16 @@ def _image_layout(grid: list[int], merge: int) -> Layout:
     return Layout(1, every, ((rows, cols),), every)
 
 
-class PrunableQwen2_5_VLInfo(Qwen2_5_VLProcessingInfo):
+class _RefusingVideos:
+    """Processing-info mixin."""
+
     def get_supported_mm_limits(self) -> Any:
         limits = super().get_supported_mm_limits()
         if settings_for(self.get_hf_config()) is None:
             return limits
-        # Videos are refused (validate_num_items): memory profiling must not budget for them either.
-        return {modality: limit for modality, limit in limits.items() if modality != "video"}
+        # Videos are refused (validate_num_items): at most 0 per prompt, so that memory profiling does
+        # not budget for them either (the modality stays known to the processor's argument routing).
+        return {**limits, "video": 0} if "video" in limits else limits
 
     def validate_num_items(self, modality: str, num_items: int) -> None:
         if modality == "video" and num_items > 0 and settings_for(self.get_hf_config()) is not None:
@@ -74,7 +83,9 @@ class PrunableQwen2_5_VLInfo(Qwen2_5_VLProcessingInfo):
         super().validate_num_items(modality, num_items)
 
 
-class PrunableQwen2_5_VLDummyInputs(Qwen2_5_VLDummyInputsBuilder):
+class _TextLast:
+    """Dummy-inputs mixin."""
+
     def get_dummy_text(self, mm_counts: Any) -> str:
         text = super().get_dummy_text(mm_counts)
         if settings_for(self.info.get_hf_config()) is None:
@@ -83,22 +94,23 @@ class PrunableQwen2_5_VLDummyInputs(Qwen2_5_VLDummyInputsBuilder):
         return text + self.info.get_tokenizer().eos_token
 
 
-class PrunableQwen2_5_VLProcessor(RefuseEmbeddings, Qwen2_5_VLMultiModalProcessor):
+class _KeptPlaceholders(RefuseEmbeddings):
+    """Processor mixin: each image's placeholder run holds its kept count."""
+
     def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Any, out_mm_kwargs: Any) -> Any:
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        settings = settings_for(self.info.get_hf_config())
+        config = self.info.get_hf_config()
+        settings = settings_for(config)
         if settings is None:
             return updates
-        merge = self.info.get_hf_config().vision_config.spatial_merge_size
+        merge = config.vision_config.spatial_merge_size
 
-        def kept(item: int, token: int) -> list[int]:
+        def kept(item: int) -> list[int]:
             grid = out_mm_kwargs["image"][item]["image_grid_thw"].data.tolist()
-            return [token] * _image_layout(grid, merge).kept_count(settings)
+            return [config.image_token_id] * _image_layout(grid, merge).kept_count(settings)
 
         return [
-            PromptReplacement(modality="image", target=update.target, replacement=partial(kept, token=update.target[0]))
-            if update.modality == "image"
-            else update
+            PromptReplacement(modality="image", target=update.target, replacement=kept) if update.modality == "image" else update
             for update in updates
         ]
 
@@ -108,19 +120,17 @@ class PrunableQwen2_5_VLProcessor(RefuseEmbeddings, Qwen2_5_VLMultiModalProcesso
         config = self.info.get_hf_config()
         if settings_for(config) is not None and inputs.prompt and inputs.prompt[-1] == config.image_token_id:
             raise ValueError(
-                "vispruner: a pruned Qwen2.5-VL prompt must not end with an image: decoding continues after the "
+                "vispruner: a pruned Qwen-VL prompt must not end with an image: decoding continues after the "
                 "unpruned image's extent, which vLLM's runner rebuilds from the prompt's last text token. Add "
                 "text after the image (chat templates do)"
             )
         return super().apply(inputs, *args, **kwargs)
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    PrunableQwen2_5_VLProcessor, info=PrunableQwen2_5_VLInfo, dummy_inputs=PrunableQwen2_5_VLDummyInputs
-)
-class PrunableQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
-    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+class _Pruning:
+    """Model mixin: see the module doc."""
+
+    def _vispruner_init(self, vllm_config: Any) -> None:
         self.vispruner_settings = settings_for(self.config)
         #: Per image of the last pruned ``embed_multimodal`` call, what was kept.
         self.vispruner_last: list[ImageSelection] | None = None
@@ -134,10 +144,12 @@ class PrunableQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
         if self.vispruner_settings is None:
             return super().get_mrope_input_positions(input_tokens, mm_features)
         parts, start, next_position = [], 0, 0
-        features = sorted(mm_features, key=lambda feature: feature.mm_position.offset)
-        for feature, (offset, t, rows, cols, _) in zip(features, self.iter_mm_grid_thw(mm_features), strict=True):
+        merge = self.config.vision_config.spatial_merge_size
+        for feature in sorted(mm_features, key=lambda feature: feature.mm_position.offset):
             if feature.modality != "image":
                 raise ValueError(VIDEO_REFUSED)
+            t, height, width = feature.data["image_grid_thw"].data.tolist()
+            rows, cols, offset = height // merge, width // merge, feature.mm_position.offset
             text = offset - start
             parts.append(np.broadcast_to(np.arange(text), (3, text)) + next_position)
             first = next_position + text
@@ -189,7 +201,7 @@ class PrunableQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
         needs = settings.method.needs
         attention = visual.blocks[-1].attn if needs & {"attention", "keys"} else None
         segments = torch.tensor([0] + [h * w for t, h, w in grids for _ in range(t)]).cumsum(0)
-        tap = KernelInputTap(visual.merger, attention, merge**2, _placeholder_order(visual, grids), "keys" in needs, segments)
+        tap = KernelInputTap(visual.merger, attention, merge**2, self._vispruner_order(grids), "keys" in needs, segments)
         chosen: dict[str, Any] = {}
 
         def on_features(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
@@ -206,7 +218,7 @@ class PrunableQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
 
         # vLLM's compile wrapper calls the merger's forward directly (module hooks on it never run);
         # its first norm receives the merger's input as an ordinary call.
-        handle = visual.merger.ln_q.register_forward_pre_hook(on_features)
+        handle = self._vispruner_merger_norm().register_forward_pre_hook(on_features)
         try:
             with tap:
                 embeddings = self._process_image_input(image_input)
@@ -227,15 +239,66 @@ class PrunableQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerat
         return tuple(out)
 
 
-def _placeholder_order(visual: Any, grids: list[list[int]]) -> torch.Tensor:
-    """argsort of the tower's window order: the merge groups in placeholder order."""
-    parts, offset = [], 0
-    merge = visual.spatial_merge_size
-    for t, h, w in grids:
-        index, _ = visual.get_window_index_thw(t, h, w)
-        parts.append(index + offset)
-        offset += t * (h // merge) * (w // merge)
-    return torch.argsort(torch.cat(parts))
+class PrunableQwen2_5_VLInfo(_RefusingVideos, Qwen2_5_VLProcessingInfo):
+    pass
+
+
+class PrunableQwen2_5_VLDummyInputs(_TextLast, Qwen2_5_VLDummyInputsBuilder):
+    pass
+
+
+class PrunableQwen2_5_VLProcessor(_KeptPlaceholders, Qwen2_5_VLMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PrunableQwen2_5_VLProcessor, info=PrunableQwen2_5_VLInfo, dummy_inputs=PrunableQwen2_5_VLDummyInputs
+)
+class PrunableQwen2_5_VLForConditionalGeneration(_Pruning, Qwen2_5_VLForConditionalGeneration):
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._vispruner_init(vllm_config)
+
+    def _vispruner_merger_norm(self) -> torch.nn.Module:
+        return self.visual.merger.ln_q
+
+    def _vispruner_order(self, grids: list[list[int]]) -> torch.Tensor:
+        """argsort of the tower's window order: the merge groups in placeholder order."""
+        visual = self.visual
+        parts, offset = [], 0
+        merge = visual.spatial_merge_size
+        for t, h, w in grids:
+            index, _ = visual.get_window_index_thw(t, h, w)
+            parts.append(index + offset)
+            offset += t * (h // merge) * (w // merge)
+        return torch.argsort(torch.cat(parts))
+
+
+class PrunableQwen3VLInfo(_RefusingVideos, Qwen3VLProcessingInfo):
+    pass
+
+
+class PrunableQwen3VLDummyInputs(_TextLast, Qwen3VLDummyInputsBuilder):
+    pass
+
+
+class PrunableQwen3VLProcessor(_KeptPlaceholders, Qwen3VLMultiModalProcessor):
+    pass
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PrunableQwen3VLProcessor, info=PrunableQwen3VLInfo, dummy_inputs=PrunableQwen3VLDummyInputs
+)
+class PrunableQwen3VLForConditionalGeneration(_Pruning, Qwen3VLForConditionalGeneration):
+    def __init__(self, *, vllm_config: Any, prefix: str = "model") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._vispruner_init(vllm_config)
+
+    def _vispruner_merger_norm(self) -> torch.nn.Module:
+        return self.visual.merger.norm
+
+    def _vispruner_order(self, grids: list[list[int]]) -> None:
+        return None  # no windows: the tower runs in placeholder order
 
 
 def _refuse_unsupported(model: Any, vllm_config: Any) -> None:
@@ -248,10 +311,11 @@ def _refuse_unsupported(model: Any, vllm_config: Any) -> None:
             "Serve with the vispruner override or with video_pruning_rate, not both"
         )
     visual = model.visual
-    if len(visual.blocks) - 1 not in visual.fullatt_block_indexes:
+    windowed = getattr(visual, "fullatt_block_indexes", None)
+    if windowed is not None and len(visual.blocks) - 1 not in windowed:
         raise ValueError(
             "vispruner scores Qwen2.5-VL tokens by the attention they receive in the tower's last block, which must "
-            f"attend over whole images; this tower's full-attention blocks are {visual.fullatt_block_indexes} of "
+            f"attend over whole images; this tower's full-attention blocks are {windowed} of "
             f"{len(visual.blocks)}"
         )
     if model.use_data_parallel:
