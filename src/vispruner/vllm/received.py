@@ -1,12 +1,13 @@
 """The attention each merged token receives in the last block of vLLM's Qwen-VL towers.
 
 vLLM's ``Qwen2_5_VisionAttention`` (in Qwen2.5-VL's and Qwen3-VL's towers) hands its rotated
-queries and keys to ``MMEncoderAttention``, a fused kernel that never returns weights. A forward pre-hook on that kernel module takes the
-queries and keys it is given (after the rotary embedding, as the library's transformers hook
-rebuilds them) and keeps only what the method needs: the mean attention each patch receives
-from its image (:func:`~vispruner.adapters.attention_received.mean_attention_received`, chunked,
-no (S x S) matrix held), averaged over each merge group, and the group-averaged keys for
-VisionZip. Everything else (features, projection, replacement, window order) is the library's
+queries and keys to ``MMEncoderAttention``, a fused kernel that never returns weights. A forward
+pre-hook on that kernel module takes the queries and keys it is given (after the rotary
+embedding, as the library's transformers hook rebuilds them) and keeps only what the method
+needs: the mean attention each patch receives from its image
+(:func:`~vispruner.adapters.attention_received.mean_attention_received`, chunked, no (S x S)
+matrix held), averaged over each merge group, and the group-averaged keys for VisionZip.
+Everything else (features, projection, replacement, window order) is the library's
 :class:`~vispruner.adapters.qwen_vision.MergerTap`. With tensor parallelism each rank holds some
 heads: the head sums are added over ranks.
 """
