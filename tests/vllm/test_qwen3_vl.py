@@ -53,6 +53,15 @@ def qwen3_requests() -> list[Request]:
     return [Request(scenes[0].prompt, [noise[0]]), two, Request(scenes[2].prompt, [noise[3]]), three]
 
 
+def test_unpruned_engine_is_vllm_own(tiny, reference):
+    requests = qwen3_requests()
+    want = library_results(*reference, requests, None)
+    with engine(tiny, max_model_len=512) as llm:
+        got = vllm_results(llm, requests)
+        assert llm.apply_model(lambda model: model.vispruner_settings) == [None]
+    assert_same(got, want)
+
+
 #: As for Qwen2.5-VL: VisPruner at every K and the methods with their own signals at K=8 in CI.
 CI_CASES = {("vispruner", 16), ("vispruner", 8), ("vispruner", 2), ("visionzip", 8), ("divprune", 8), ("pooling", 8)}
 CASES = [
