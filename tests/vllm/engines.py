@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,8 @@ from tests.tiny_models import random_images, tiny_tokenizer
 #: Tiny LLaVA-NeXT: crops of 56 px in 14 px patches (16 per crop), anyres up to 2 x 2 crops.
 NEXT_CROP, NEXT_PATCH = 56, 14
 NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
+#: Tiny Qwen3-VL: 8 px patches, so 16 px merged tokens.
+QWEN3_PATCH = 8
 
 
 @dataclass
@@ -87,6 +90,71 @@ def save_tiny_next(path: Path, seed: int = 0) -> Path:
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
     )
     processor.save_pretrained(path)
+    return path
+
+
+def save_qwen_testbed(path: Path) -> Path:
+    """The bundled Qwen2.5-VL testbed with its image processor letting sizes from 56 x 56 to 140 x 140 px
+    through (the shipped one resizes every image to 112 x 112 px), so that images of different sizes
+    reach the tower with grids of their own."""
+    from vispruner.testbed import qwen
+
+    shutil.copytree(qwen.WEIGHTS, path, dirs_exist_ok=True)
+    config = json.loads((path / "preprocessor_config.json").read_text())
+    config["size"] = {"shortest_edge": 56 * 56, "longest_edge": 140 * 140}
+    (path / "preprocessor_config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+def load_qwen_reference(path: Path) -> tuple[Any, Any]:
+    from vispruner.testbed import qwen
+
+    model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=torch.float32).eval()
+    return model, qwen.load_processor(path)
+
+
+def save_tiny_qwen3_vl(path: Path, seed: int = 0) -> Path:
+    """A random tiny Qwen3-VL (deepstack features from both vision blocks; 8 px patches, merged 2 x 2
+    into 16 px tokens; language head size 32, which vLLM's CPU attention supports) with the testbed
+    tokenizer and a Qwen3-VL processor, saved as vLLM and transformers load it."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    from vispruner.testbed import qwen
+    from vispruner.testbed.model import CHAT_TEMPLATE, IMAGE_TOKEN, SPECIAL, build_tokenizer
+
+    tokenizer = build_tokenizer(
+        special=(*SPECIAL, qwen.VIDEO_TOKEN, "<vision_start>", "<vision_end>"),
+        named={"image_token": IMAGE_TOKEN, "video_token": qwen.VIDEO_TOKEN},
+    )
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", IMAGE_TOKEN), ("video_token_id", qwen.VIDEO_TOKEN),
+        ("vision_start_token_id", "<vision_start>"), ("vision_end_token_id", "<vision_end>"))}
+    config = Qwen3VLConfig(
+        vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=QWEN3_PATCH, spatial_merge_size=2,
+            temporal_patch_size=2, in_channels=3, out_hidden_size=64, num_position_embeddings=64,
+            deepstack_visual_indexes=[0, 1], initializer_range=0.2,
+        ),
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=32, max_position_embeddings=512, initializer_range=0.2,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5], "mrope_interleaved": True},
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ),
+        **ids,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    sizes = dict(patch_size=QWEN3_PATCH, merge_size=2, temporal_patch_size=2)
+    Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(**sizes, size={"shortest_edge": 32 * 32, "longest_edge": 128 * 128}),
+        tokenizer=tokenizer, video_processor=Qwen3VLVideoProcessor(**sizes), chat_template=CHAT_TEMPLATE,
+    ).save_pretrained(path)
     return path
 
 

@@ -2,7 +2,7 @@
 vispruner.apply's own, and what vLLM cannot run is refused with the reason."""
 
 import pytest
-from transformers import LlavaConfig, Qwen2_5_VLConfig
+from transformers import Gemma3Config, LlavaConfig, Qwen2_5_VLConfig
 
 import vispruner
 from vispruner.vllm.settings import settings_for
@@ -71,9 +71,20 @@ def test_original_positions_refused():
 
 
 def test_unserved_family_named():
+    config = Gemma3Config()
+    config.vispruner = {"num_tokens": 8}
+    with pytest.raises(TypeError, match=r"prunes LLaVA-1\.5 \(LlavaForConditionalGeneration\), LLaVA-NeXT .*Qwen2\.5-VL images .*got a 'gemma3' model"):
+        settings_for(config)
+
+
+def test_qwen_keeps_original_positions():
+    # Kept Qwen tokens keep their 3D positions (the library's only setting for Qwen-VL): compacted is refused
+    # with apply's message, the default is original.
     config = Qwen2_5_VLConfig()
     config.vispruner = {"num_tokens": 8}
-    with pytest.raises(TypeError, match=r"prunes LLaVA-1\.5 \(LlavaForConditionalGeneration\), LLaVA-NeXT .*got a 'qwen2_5_vl' model"):
+    assert settings_for(config).positions == "original"
+    config.vispruner = {"num_tokens": 8, "positions": "compacted"}
+    with pytest.raises(ValueError, match="keeps the 3D M-RoPE positions of the unpruned prompt"):
         settings_for(config)
 
 

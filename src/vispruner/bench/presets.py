@@ -459,6 +459,7 @@ def build_preset(
     dtype: "torch.dtype | None" = None,
     seed: int = 0,
     device: "str | torch.device" = "cpu",
+    vocab_size: int | None = None,
 ) -> tuple["PreTrainedModel", int]:
     """A random-weight model of preset ``name`` (see :data:`PRESETS`) and its full LM depth.
 
@@ -469,6 +470,8 @@ def build_preset(
         seed: seed of the random weights.
         device: where the weights are created and initialised (a full 7B model is initialised
             in seconds on a GPU, in minutes on a CPU).
+        vocab_size: build the language model with this many vocabulary rows instead (None: the
+            published count); only the embedding lookup and the logits read them.
     """
     import torch
     from transformers import AutoModelForImageTextToText
@@ -477,6 +480,8 @@ def build_preset(
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {name!r}")
     config = PRESETS[name].config()
     full = _cut_layers(config, layers)
+    if vocab_size is not None:
+        config.text_config.vocab_size = vocab_size
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype or torch.float32)

@@ -1,4 +1,4 @@
-"""vLLM plugin: serve LLaVA-1.5 and LLaVA-NeXT with pruned visual tokens.
+"""vLLM plugin: serve LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL and Qwen3-VL (images) with pruned visual tokens.
 
 vLLM loads :func:`register` (the ``vllm.general_plugins`` entry point) in each of its processes;
 nothing here imports vLLM until then. Pruning is asked per engine through the HF config
@@ -19,14 +19,21 @@ from typing import Any
 ARCHITECTURES = {
     "LlavaForConditionalGeneration": "vispruner.vllm.models:PrunableLlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration": "vispruner.vllm.models:PrunableLlavaNextForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "vispruner.vllm.qwen:PrunableQwen2_5_VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "vispruner.vllm.qwen:PrunableQwen3VLForConditionalGeneration",
 }
 #: Attribute of vLLM's model registry marking that :func:`register` checks engines' overrides.
 _CHECKED = "_vispruner_checks"
 
 
 def register() -> None:
-    """Register the pruning subclasses (by name: vLLM imports them lazily) and the start-up check."""
+    """Register the pruning subclasses (by name: vLLM imports them lazily), the start-up check, and
+    the CPU runner's pruning flag (:mod:`.runner`, inert for engines that do not prune)."""
     from vllm import ModelRegistry
+
+    from . import runner
+
+    runner.install()
 
     for architecture, target in ARCHITECTURES.items():
         ModelRegistry.register_model(architecture, target)

@@ -74,7 +74,7 @@ class PrunableLlavaNextInfo(_Counting, LlavaNextProcessingInfo):
         return llava_next_layout(image_size, _side(config), config.vision_config.image_size, config.image_grid_pinpoints)
 
 
-class _RefuseEmbeddings:
+class RefuseEmbeddings:
     """Processor mixin: precomputed image embeddings cannot be pruned (no tower runs)."""
 
     def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Any, out_mm_kwargs: Any) -> Any:
@@ -88,11 +88,11 @@ class _RefuseEmbeddings:
         return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
 
 
-class PrunableLlavaProcessor(_RefuseEmbeddings, LlavaMultiModalProcessor):
+class PrunableLlavaProcessor(RefuseEmbeddings, LlavaMultiModalProcessor):
     pass
 
 
-class PrunableLlavaNextProcessor(_RefuseEmbeddings, LlavaNextMultiModalProcessor):
+class PrunableLlavaNextProcessor(RefuseEmbeddings, LlavaNextMultiModalProcessor):
     pass
 
 

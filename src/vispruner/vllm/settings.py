@@ -12,7 +12,14 @@ from ..adapters.vision_stage import Settings
 #: The HF config attribute that ``hf_overrides={"vispruner": {...}}`` sets.
 KEY = "vispruner"
 #: config.model_type -> the family the plugin serves (the library's name for it).
-SERVED = {"llava": "LLaVA-1.5 (LlavaForConditionalGeneration)", "llava_next": "LLaVA-NeXT (LlavaNextForConditionalGeneration)"}
+SERVED = {
+    "llava": "LLaVA-1.5 (LlavaForConditionalGeneration)",
+    "llava_next": "LLaVA-NeXT (LlavaNextForConditionalGeneration)",
+    "qwen2_5_vl": "Qwen2.5-VL images (Qwen2_5_VLForConditionalGeneration)",
+    "qwen3_vl": "Qwen3-VL images (Qwen3VLForConditionalGeneration)",
+}
+#: The served families whose signal is the [CLS] row of a CLIP tower.
+CLS_FAMILIES = ("llava", "llava_next")
 
 
 def requested(hf_config: Any) -> dict[str, Any] | None:
@@ -40,14 +47,8 @@ def settings_for(hf_config: Any) -> Settings | None:
             f"vispruner's vLLM plugin prunes {', '.join(SERVED.values())}; got a {model_type!r} model "
             f'(leave hf_overrides["{KEY}"] unset to serve it unpruned)'
         )
-    vision = getattr(getattr(hf_config, "vision_config", None), "model_type", None)
-    layer, strategy = getattr(hf_config, "vision_feature_layer", None), getattr(hf_config, "vision_feature_select_strategy", None)
-    if vision != "clip_vision_model" or not isinstance(layer, int) or strategy != "default":
-        raise TypeError(
-            "vispruner's vLLM plugin needs a CLIP vision tower whose features come from one layer with [CLS] "
-            f"dropped (vision_feature_layer an int, vision_feature_select_strategy='default'); got a {vision!r} "
-            f"tower, {layer!r} and {strategy!r}"
-        )
+    if model_type in CLS_FAMILIES:
+        _check_clip_tower(hf_config)
     from ..adapters import family_of_type
     from ..api import check_arguments
 
@@ -64,12 +65,23 @@ def settings_for(hf_config: Any) -> Settings | None:
             "never sees (it gets the images alone, before the prompt is assembled). Choose one of: "
             + ", ".join(vision_methods())
         )
-    if settings.positions != "compacted":
+    if model_type in CLS_FAMILIES and settings.positions != "compacted":
         raise ValueError(
             f"positions={settings.positions!r} is not supported in vLLM: vLLM numbers LLaVA's prompt tokens "
             "0, 1, 2, ... itself; leave positions unset (compacted)"
         )
     return settings
+
+
+def _check_clip_tower(hf_config: Any) -> None:
+    vision = getattr(getattr(hf_config, "vision_config", None), "model_type", None)
+    layer, strategy = getattr(hf_config, "vision_feature_layer", None), getattr(hf_config, "vision_feature_select_strategy", None)
+    if vision != "clip_vision_model" or not isinstance(layer, int) or strategy != "default":
+        raise TypeError(
+            "vispruner's vLLM plugin needs a CLIP vision tower whose features come from one layer with [CLS] "
+            f"dropped (vision_feature_layer an int, vision_feature_select_strategy='default'); got a {vision!r} "
+            f"tower, {layer!r} and {strategy!r}"
+        )
 
 
 def vision_methods() -> list[str]:

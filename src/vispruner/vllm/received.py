@@ -1,0 +1,61 @@
+"""The attention each merged token receives in the last block of vLLM's Qwen-VL towers.
+
+vLLM's ``Qwen2_5_VisionAttention`` (in Qwen2.5-VL's and Qwen3-VL's towers) hands its rotated
+queries and keys to ``MMEncoderAttention``, a fused kernel that never returns weights. A forward
+pre-hook on that kernel module takes the queries and keys it is given (after the rotary
+embedding, as the library's transformers hook rebuilds them) and keeps only what the method
+needs: the mean attention each patch receives from its image
+(:func:`~vispruner.adapters.attention_received.mean_attention_received`, chunked, no (S x S)
+matrix held), averaged over each merge group, and the group-averaged keys for VisionZip.
+Everything else (features, projection, replacement, window order) is the library's
+:class:`~vispruner.adapters.qwen_vision.MergerTap`. With tensor parallelism each rank holds some
+heads: the head sums are added over ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters.attention_received import mean_attention_received
+from ..adapters.qwen_vision import MergerTap
+
+
+class KernelInputTap(MergerTap):
+    """:class:`MergerTap` whose signal comes from the inputs of the last block's attention kernel.
+
+    ``attention``: the block's ``Qwen2_5_VisionAttention``; ``segments``: cumulative boundaries of
+    the images in the tower's sequence (the last block attends over whole images).
+    """
+
+    def __init__(
+        self, merger: nn.Module, attention: nn.Module | None, unit: int, order: torch.Tensor | None, keep_keys: bool,
+        segments: torch.Tensor,
+    ) -> None:
+        super().__init__(merger, attention, unit, order, keep_keys, rows=unit)
+        self._bounds = segments
+
+    def __enter__(self) -> "KernelInputTap":
+        if self._attention is not None:
+            self._handles = [self._attention.attn.register_forward_pre_hook(self._on_kernel, with_kwargs=True)]
+        return self
+
+    def _on_kernel(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        attention = self._attention
+        query, key = (kwargs["query"], kwargs["key"]) if "query" in kwargs else args[:2]
+        local = attention.num_attention_heads_per_partition
+        with torch.no_grad():
+            # (1, S, h, d) -> (h, S, d), this rank's heads.
+            query, key = query.detach()[0].transpose(0, 1), key.detach()[0].transpose(0, 1)
+            received = mean_attention_received(query, key, module.scale, segments=self._bounds.to(query.device)) * local
+            grouped = key.transpose(0, 1).float().reshape(-1, self._unit, local, key.shape[-1]).mean(dim=1) if self._keep_keys else None
+            if attention.tp_size > 1:
+                from vllm.distributed import tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce
+
+                received = tensor_model_parallel_all_reduce(received)
+                grouped = None if grouped is None else tensor_model_parallel_all_gather(grouped.contiguous(), dim=1)
+            total = local * attention.tp_size
+            self._scores = self._placeholder_order(received.view(-1, self._unit).mean(dim=1) / total)
+            self._keys = None if grouped is None else self._placeholder_order(grouped)
