@@ -143,3 +143,44 @@ def test_forward_with_labels():
     with torch.no_grad():
         loss = model(**inputs, labels=labels).loss
     torch.testing.assert_close(loss, total / count, rtol=1e-5, atol=1e-6)
+
+
+def test_per_image_budget_spends_a_video_budget_over_its_frames():
+    model, inputs, rows = prepared(VIDEO_PROMPTS, budget="per_image")
+    out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+    assert new_tokens(out, inputs) == [greedy(model, embeds, ids, STEPS) for embeds, ids in rows]
+    videos = [selection for selection in vispruner.last_selection(model) if selection.modality == "video"]
+    assert [int(selection.keep.sum()) for selection in videos] == [NUM_TOKENS, NUM_TOKENS]
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_full_budget_is_stock_and_remove_restores(batch):
+    model, inputs = tiny_gemma4(), gemma4_inputs(BATCHES[batch])
+    options = dict(max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    stock = model.generate(**inputs, **options)
+    vispruner.apply(model, 10**6)
+    everything = model.generate(**inputs, **options)
+    assert torch.equal(everything.sequences, stock.sequences)
+    for mine, theirs in zip(everything.logits, stock.logits, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    vispruner.apply(model, NUM_TOKENS)
+    assert not torch.equal(model.generate(**inputs, **options).sequences, stock.sequences)
+    vispruner.remove(model)
+    again = model.generate(**inputs, **options)
+    assert torch.equal(again.sequences, stock.sequences)
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(again.logits, stock.logits))
+
+
+def test_fastv_is_refused():
+    with pytest.raises(TypeError, match="fastv does not support Gemma 4: .*sliding-window"):
+        vispruner.apply(tiny_gemma4(text_layers=4), NUM_TOKENS, method="fastv")
+
+
+def test_lmms_plugin_reads_the_family_from_the_config(tmp_path):
+    from vispruner.lmms.arguments import parse_model_args
+    from vispruner.lmms.loading import check_checkpoint
+
+    tiny_gemma4().config.save_pretrained(tmp_path)  # config only: nothing to load
+    assert check_checkpoint(parse_model_args({"pretrained": str(tmp_path), "num_tokens": 8})) == "gemma4"
+    with pytest.raises(ValueError, match="model_args fastv does not support Gemma 4"):
+        check_checkpoint(parse_model_args({"pretrained": str(tmp_path), "num_tokens": 8, "method": "fastv"}))
