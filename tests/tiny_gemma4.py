@@ -33,10 +33,11 @@ MAX_PATCHES = 64
 
 def tiny_gemma4(
     seed: int = 0, attn_implementation: str = "sdpa", vision_layers: int = 2, text_layers: int = 2,
-    per_layer: bool = False, in_vocab: bool = False,
+    per_layer: bool = False, in_vocab: bool = False, **text_options,
 ) -> Gemma4ForConditionalGeneration:
     """``per_layer``: per-layer embeddings (E2B, E4B); ``in_vocab``: the placeholders get embeddings
-    (as in the checkpoints), so that a prompt can be given as ``inputs_embeds``."""
+    (as in the checkpoints), so that a prompt can be given as ``inputs_embeds``; ``text_options``:
+    further language-model settings."""
     vision = Gemma4VisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, patch_size=PATCH, pooling_kernel_size=KERNEL, position_embedding_size=32,
@@ -44,11 +45,12 @@ def tiny_gemma4(
     )
     text = Gemma4TextConfig(
         vocab_size=len(GEMMA4_VOCAB) + (3 if in_vocab else 0), hidden_size=32, intermediate_size=64, num_hidden_layers=text_layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=8,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
         layer_types=(["sliding_attention", "full_attention"] * text_layers)[:text_layers],
         sliding_window=256, final_logit_softcapping=30.0, use_bidirectional_attention="vision",
         vocab_size_per_layer_input=len(GEMMA4_VOCAB) + 3, hidden_size_per_layer_input=8 if per_layer else 0,
         pad_token_id=PAD_ID, bos_token_id=1, eos_token_id=2, initializer_range=0.2, max_position_embeddings=1024,
+        **{"global_head_dim": 8, **text_options},
     )
     config = Gemma4Config(
         text_config=text, vision_config=vision, audio_config=None, boi_token_id=BOI_ID, eoi_token_id=EOI_ID,
