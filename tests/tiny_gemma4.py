@@ -12,7 +12,13 @@ as in the small checkpoints) per-layer embeddings. Built from config objects onl
 from __future__ import annotations
 
 import torch
-from transformers import Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig, Gemma4VisionConfig
+from transformers import (
+    Gemma4AudioConfig,
+    Gemma4Config,
+    Gemma4ForConditionalGeneration,
+    Gemma4TextConfig,
+    Gemma4VisionConfig,
+)
 
 from tests.tiny_models import VOCAB, _finish
 
@@ -27,15 +33,18 @@ PATCH = 4
 KERNEL = 2
 #: Pixels per token along a side.
 STEP = PATCH * KERNEL
+#: Audio features per frame; the tower makes a token of 4 frames.
+MEL_BINS = 16
 #: Patches of every image after padding (the processor pads to its token budget times KERNEL^2).
 MAX_PATCHES = 64
 
 
 def tiny_gemma4(
     seed: int = 0, attn_implementation: str = "sdpa", vision_layers: int = 2, text_layers: int = 2,
-    per_layer: bool = False, in_vocab: bool = False, **text_options,
+    per_layer: bool = False, in_vocab: bool = False, audio: bool = False, **text_options,
 ) -> Gemma4ForConditionalGeneration:
-    """``per_layer``: per-layer embeddings (E2B, E4B); ``in_vocab``: the placeholders get embeddings
+    """``per_layer``: per-layer embeddings (E2B, E4B); ``audio``: an audio tower (16 mel bins, a
+    token per 4 frames); ``in_vocab``: the placeholders get embeddings
     (as in the checkpoints), so that a prompt can be given as ``inputs_embeds``; ``text_options``:
     further language-model settings."""
     vision = Gemma4VisionConfig(
@@ -53,7 +62,7 @@ def tiny_gemma4(
         **{"global_head_dim": 8, **text_options},
     )
     config = Gemma4Config(
-        text_config=text, vision_config=vision, audio_config=None, boi_token_id=BOI_ID, eoi_token_id=EOI_ID,
+        text_config=text, vision_config=vision, audio_config=_audio_config() if audio else None, boi_token_id=BOI_ID, eoi_token_id=EOI_ID,
         image_token_id=IMG_ID, video_token_id=VID_ID, audio_token_id=AUD_ID, boa_token_id=BOA_ID,
         eoa_token_index=EOA_ID, tie_word_embeddings=False, initializer_range=0.2,
     )
@@ -63,7 +72,17 @@ def tiny_gemma4(
         tower = model.model.vision_tower
         tower.std_bias.normal_(0, 0.5)
         tower.std_scale.uniform_(0.5, 1.5)
+    if audio:  # the audio tower has eager attention only
+        attn_implementation = {"": attn_implementation, "text_config": attn_implementation,
+                               "vision_config": attn_implementation, "audio_config": "eager"}
     return _finish(model, attn_implementation)
+
+
+def _audio_config() -> Gemma4AudioConfig:
+    return Gemma4AudioConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, subsampling_conv_channels=[MEL_BINS, 4],
+        output_proj_dims=16, use_clipped_linears=False, initializer_range=0.2,
+    )
 
 
 def _words(text: str) -> list[int]:
@@ -85,13 +104,17 @@ def _patches(height: int, width: int, generator: torch.Generator) -> tuple[torch
 
 def gemma4_inputs(prompts: list[list], seed: int = 0) -> dict[str, torch.Tensor]:
     """Left-padded inputs for ``prompts``: each a list of words (str), (height, width) images in
-    px and ("video", frames, height, width) videos."""
-    rows, images, videos, frames = [], [], [], []
+    px, ("video", frames, height, width) videos and ("audio", frames) clips (a multiple of 4
+    frames; at most one clip per prompt, padded to the batch's longest)."""
+    rows, images, videos, frames, clips = [], [], [], [], []
     for prompt in prompts:
         ids: list[int] = []
         for part in prompt:
             if isinstance(part, str):
                 ids += _words(part)
+            elif part[0] == "audio":
+                ids += [BOA_ID] + [AUD_ID] * (part[1] // 4) + [EOA_ID]
+                clips.append(part[1])
             elif part[0] == "video":
                 _, count, height, width = part
                 per_frame = (height // STEP) * (width // STEP)
@@ -107,6 +130,7 @@ def gemma4_inputs(prompts: list[list], seed: int = 0) -> dict[str, torch.Tensor]
     length = max(len(ids) for ids in rows)
     input_ids = torch.tensor([[PAD_ID] * (length - len(ids)) + ids for ids in rows])
     types = torch.zeros_like(input_ids).masked_fill(input_ids == IMG_ID, 1).masked_fill(input_ids == VID_ID, 2)
+    types = types.masked_fill(input_ids == AUD_ID, 3)
     inputs = {"input_ids": input_ids, "attention_mask": (input_ids != PAD_ID).long(), "mm_token_type_ids": types}
     generator = torch.Generator().manual_seed(seed)
     for sizes, pixels, positions in ((images, "pixel_values", "image_position_ids"),
@@ -117,6 +141,10 @@ def gemma4_inputs(prompts: list[list], seed: int = 0) -> dict[str, torch.Tensor]
             inputs[positions] = torch.stack([where for _, where in patches])
     if frames:
         inputs["num_frames_per_video"] = torch.tensor(frames)
+    if clips:
+        longest = max(clips)
+        inputs["input_features"] = torch.randn(len(clips), longest, MEL_BINS, generator=generator)
+        inputs["input_features_mask"] = torch.arange(longest) < torch.tensor(clips)[:, None]
     return inputs
 
 
@@ -125,8 +153,15 @@ PROMPTS = [
     ["w1 w2", (32, 16), "w3"],
     [(16, 24), "w4", (24, 24), "w5 w6 w7"],
 ]
+
 #: A video of 2 frames after an image, and a prompt with a video only.
 VIDEO_PROMPTS = [
     ["w1", (16, 32), "w2", ("video", 2, 16, 24), "w3"],
     [("video", 3, 24, 16), "w5 w6"],
+]
+
+#: Audio clips of 40 and 24 frames (10 and 6 tokens) next to images.
+AUDIO_PROMPTS = [
+    ["w1", ("audio", 40), "w2", (16, 32), "w3"],
+    [(24, 16), "w4", ("audio", 24), "w5 w6"],
 ]

@@ -6,7 +6,8 @@ receives is the mean, over heads and over its image's real patches, of an eager 
 norm with the 2D rotary embedding written out (first half of each head by x, second by y). A
 token is the mean of the 2 x 2 patches (2r..2r+1, 2c..2c+1) of its image's patch grid, written out
 by hand. The registered method chooses per image (per frame of a video). The kept tokens are laid
-into each prompt placeholder by placeholder; the language model runs on one unpadded row at a
+into each prompt placeholder by placeholder (audio placeholders get the stock audio tower's
+tokens); the language model runs on one unpadded row at a
 time without a cache, with the per-layer inputs of its ids (visual tokens read as padding), its
 masks built by hand (causal; the sliding-window layers also bidirectional within each image's
 run of tokens) and the logits soft-capped. A generated placeholder id (the tiny vocabulary is
@@ -112,13 +113,26 @@ def gemma4_items(model, inputs, method="vispruner", num_tokens=4, budget="per_cr
     return items
 
 
+def audio_tokens(model, inputs) -> list[torch.Tensor]:
+    """Per clip, the stock audio tower's tokens (its padding dropped)."""
+    if "input_features" not in inputs:
+        return []
+    with torch.no_grad():
+        output = model.model.get_audio_features(inputs["input_features"], inputs["input_features_mask"])
+    return [tokens[mask] for tokens, mask in zip(output.pooler_output, output.attention_mask)]
+
+
 def gemma4_rows(model, inputs, items: dict[str, list]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per row: (embeddings, ids) of the unpadded prompt with each placeholder replaced by its
-    unit's token where kept and dropped where not; ids -1 (image) or -2 (video) for visual tokens."""
-    token_ids = {model.config.image_token_id: ("image", -1), model.config.video_token_id: ("video", -2)}
+    unit's token where kept and dropped where not, and audio placeholders by the audio tower's
+    tokens; ids -1 (image), -2 (video) or -3 (audio) for those."""
+    config = model.config
+    token_ids = {config.image_token_id: ("image", -1), config.video_token_id: ("video", -2),
+                 config.audio_token_id: ("audio", -3)}
+    units = {**items, "audio": [(tokens, torch.ones(len(tokens), dtype=torch.bool)) for tokens in audio_tokens(model, inputs)]}
     queues = {
-        name: iter([(token, kept) for tokens, keep in units for token, kept in zip(tokens, keep.tolist())])
-        for name, units in items.items()
+        name: iter([(token, kept) for tokens, keep in group for token, kept in zip(tokens, keep.tolist())])
+        for name, group in units.items()
     }
     embed = model.get_input_embeddings()
     rows = []
@@ -153,10 +167,10 @@ def _embed(model, tokens: list[int]) -> torch.Tensor:
 
 
 def lm_logits(model, embeds: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """(L, V) soft-capped logits of one unpadded row (``ids`` < 0 for visual tokens), no cache."""
+    """(L, V) soft-capped logits of one unpadded row (``ids`` < 0 for visual and audio tokens), no cache."""
     text = model.config.text_config
     length = len(embeds)
-    visual = ids < 0
+    visual = (ids == -1) | (ids == -2)
     block = torch.cumsum(visual & ~torch.cat([torch.tensor([False]), visual[:-1]]), 0)
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     same_image = visual[:, None] & visual[None, :] & (block[:, None] == block[None, :])
@@ -170,7 +184,7 @@ def lm_logits(model, embeds: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         per_layer = None
         if text.hidden_size_per_layer_input:
-            per_layer = language.get_per_layer_inputs(ids.masked_fill(visual | _placeholders(model, ids), text.pad_token_id)[None])
+            per_layer = language.get_per_layer_inputs(ids.masked_fill((ids < 0) | _placeholders(model, ids), text.pad_token_id)[None])
         hidden = language(
             inputs_embeds=embeds[None], per_layer_inputs=per_layer, attention_mask=masks,
             position_ids=torch.arange(length)[None], use_cache=False,

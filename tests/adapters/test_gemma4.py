@@ -12,7 +12,7 @@ import torch
 import vispruner
 from vispruner.methods import available_methods, get_method
 
-from ..tiny_gemma4 import IMG_ID, PROMPTS, VID_ID, VIDEO_PROMPTS, gemma4_inputs, tiny_gemma4
+from ..tiny_gemma4 import AUDIO_PROMPTS, IMG_ID, PROMPTS, VID_ID, VIDEO_PROMPTS, gemma4_inputs, tiny_gemma4
 from .reference_gemma4 import continuation_logits, gemma4_items, gemma4_rows, greedy, lm_logits
 
 NUM_TOKENS = 3
@@ -184,3 +184,20 @@ def test_lmms_plugin_reads_the_family_from_the_config(tmp_path):
     assert check_checkpoint(parse_model_args({"pretrained": str(tmp_path), "num_tokens": 8})) == "gemma4"
     with pytest.raises(ValueError, match="model_args fastv does not support Gemma 4"):
         check_checkpoint(parse_model_args({"pretrained": str(tmp_path), "num_tokens": 8, "method": "fastv"}))
+
+
+def test_audio_passes_through():
+    """E2B / E4B take audio: its tokens stay (the stock audio tower's), and so do its features;
+    at full budget the stock model's, bit for bit."""
+    model, inputs = tiny_gemma4(audio=True), gemma4_inputs(AUDIO_PROMPTS)
+    options = dict(max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    stock = model.generate(**inputs, **options)
+    vispruner.apply(model, 10**6)
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(model.generate(**inputs, **options).logits, stock.logits))
+    rows = gemma4_rows(model, inputs, gemma4_items(model, inputs, "vispruner", NUM_TOKENS))
+    assert sorted(int((ids == -3).sum()) for _, ids in rows) == [6, 10]
+    vispruner.apply(model, NUM_TOKENS)
+    out = model.generate(**inputs, **options)
+    logits = torch.stack(out.logits, dim=1)
+    for index, ((embeds, ids), sequence) in enumerate(zip(rows, new_tokens(out.sequences, inputs))):
+        torch.testing.assert_close(logits[index], continuation_logits(model, embeds, ids, sequence), rtol=1e-4, atol=1e-5)

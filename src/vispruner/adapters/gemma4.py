@@ -19,7 +19,7 @@ docs/families:
 * other streams: ``mm_token_type_ids`` (bidirectional attention among an image's tokens in the
   sliding-window layers of the larger checkpoints) and ``per_layer_inputs`` (the per-layer
   embeddings of the small ones, when given with ``inputs_embeds``; from ``input_ids`` the model
-  computes them from the compacted ids). Audio tokens stay, as text does.
+  computes them from the compacted ids). Audio tokens stay, as text does (its features pass on).
 """
 
 from __future__ import annotations
@@ -209,6 +209,7 @@ FAMILY = Family(
     vision=Gemma4Vision,
     modalities=(IMAGE, VIDEO),
     streams=("mm_token_type_ids", "per_layer_inputs"),
+    passthrough=("input_features", "input_features_mask"),
     language_stage=(
         "its language model has sliding-window attention layers (and bidirectional attention among an "
         "image's tokens), which the LLM-stage cut does not handle"
