@@ -10,19 +10,12 @@ import pytest
 import torch
 
 import vispruner
-from vispruner.methods import available_methods, get_method
 
 from ..tiny_gemma4 import AUDIO_PROMPTS, IMG_ID, PROMPTS, VID_ID, VIDEO_PROMPTS, gemma4_inputs, tiny_gemma4
 from .reference_gemma4 import continuation_logits, gemma4_items, gemma4_rows, greedy, lm_logits
+from .test_new_families import RUNS, STEPS, new_tokens
 
 NUM_TOKENS = 3
-STEPS = 4
-#: The reference carries no instruction: cdpruner is left to the contract test.
-VISION_METHODS = [
-    name for name in available_methods() if get_method(name).stage == "vision" and "text" not in get_method(name).needs
-]
-#: Every vision method, and VisionZip with contextual tokens (merged by keys).
-RUNS = [(name, None) for name in VISION_METHODS] + [("visionzip", {"contextual_ratio": 0.5})]
 BATCHES = {"images": PROMPTS, "videos": VIDEO_PROMPTS}
 
 
@@ -33,10 +26,6 @@ def prepared(prompts=PROMPTS, method="vispruner", options=None, budget="per_crop
     rows = gemma4_rows(model, inputs, items)
     vispruner.apply(model, NUM_TOKENS, method=method, budget=budget, **(options or {}))
     return model, inputs, rows
-
-
-def new_tokens(out, inputs) -> list[list[int]]:
-    return out[:, inputs["input_ids"].shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("batch", BATCHES)

@@ -33,8 +33,8 @@ from torch import nn
 from transformers import Gemma4ForConditionalGeneration
 
 from .attention_received import mean_attention_received
-from .attention_row import ProjectionCapture
-from .siglip import changed_rows
+from .attention_row import RotaryCapture
+from .siglip import substitute_changed
 from .vision_stage import Family, Item, Modality
 
 IMAGE = Modality(
@@ -98,7 +98,7 @@ def _positions(modality: Modality, arguments: dict[str, Any]) -> torch.Tensor:
     return positions
 
 
-class RotaryReceived(ProjectionCapture):
+class Gemma4Received(RotaryCapture):
     """Within a ``with`` block, records the attention each patch receives from the real patches of
     its image in a Gemma 4 encoder layer, with the layer's q/k norms and 2D rotary embedding, and
     its keys.
@@ -111,20 +111,8 @@ class RotaryReceived(ProjectionCapture):
         super().__init__(attention, projections=("q_norm", "k_norm"))
         self._positions = positions
         self._keep_keys = keep_keys
-        self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
         self.scores: torch.Tensor | None = None
         self.keys: torch.Tensor | None = None
-
-    def __enter__(self) -> "RotaryReceived":
-        super().__enter__()
-        self._handles.append(self.attention.register_forward_pre_hook(self._on_input, with_kwargs=True))
-        return self
-
-    def _on_input(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        self._rotary = kwargs["position_embeddings"]
-
-    def _row(self, query: torch.Tensor) -> torch.Tensor:
-        return query  # every query counts
 
     def _score(self, query: torch.Tensor, keys: torch.Tensor) -> None:
         # The layer's own rotation of its (n, N, H, d) normalised projections.
@@ -153,7 +141,7 @@ class Gemma4Tap:
         self._pooler = model.model.vision_tower.pooler
         self._kernel = model.config.vision_config.pooling_kernel_size
         self._positions = positions
-        self._capture = None if attention is None else RotaryReceived(attention, positions, keep_keys)
+        self._capture = None if attention is None else Gemma4Received(attention, positions, keep_keys)
         self._stack = ExitStack()
 
     def __enter__(self) -> "Gemma4Tap":
@@ -172,7 +160,7 @@ class Gemma4Tap:
         pooled, real = self._pooler._avg_pool_by_positions(values, self._positions.to(values.device), length)
         return pooled[real]
 
-    def _captured(self) -> RotaryReceived | None:
+    def _captured(self) -> Gemma4Received | None:
         if self._capture is not None and self._capture.scores is None:
             raise RuntimeError("the vision encoder's last layer did not run inside the feature call")
         return self._capture
@@ -195,11 +183,7 @@ class Gemma4Tap:
         return self._projection(self.module.forward(inputs[0]))
 
     def substitute(self, inputs: tuple[torch.Tensor, ...], features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # In place of the merged rows only: unmerged tokens must stay bit for bit.
-        changed = changed_rows(self, inputs, features)
-        merged = inputs[0].clone()
-        merged[changed] = features[changed].to(merged.dtype)
-        return (merged, *inputs[1:])
+        return substitute_changed(self, inputs, features)  # the merged rows only
 
 
 FAMILY = Family(
