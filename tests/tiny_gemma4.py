@@ -53,7 +53,8 @@ def tiny_gemma4(
         standardize=True, initializer_range=0.2,
     )
     text = Gemma4TextConfig(
-        vocab_size=len(GEMMA4_VOCAB) + (3 if in_vocab else 0), hidden_size=32, intermediate_size=64, num_hidden_layers=text_layers,
+        vocab_size=len(GEMMA4_VOCAB) + (3 if in_vocab else 0), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=text_layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
         layer_types=(["sliding_attention", "full_attention"] * text_layers)[:text_layers],
         sliding_window=256, final_logit_softcapping=30.0, use_bidirectional_attention="vision",
@@ -62,7 +63,8 @@ def tiny_gemma4(
         **{"global_head_dim": 8, **text_options},
     )
     config = Gemma4Config(
-        text_config=text, vision_config=vision, audio_config=_audio_config() if audio else None, boi_token_id=BOI_ID, eoi_token_id=EOI_ID,
+        text_config=text, vision_config=vision, audio_config=_audio_config() if audio else None,
+        boi_token_id=BOI_ID, eoi_token_id=EOI_ID,
         image_token_id=IMG_ID, video_token_id=VID_ID, audio_token_id=AUD_ID, boa_token_id=BOA_ID,
         eoa_token_index=EOA_ID, tie_word_embeddings=False, initializer_range=0.2,
     )

@@ -61,7 +61,8 @@ def gemma4_units(model, pixels, positions, method="vispruner", num_tokens=4, bud
         eager = copy.deepcopy(tower)
         eager.set_attn_implementation("eager")
         attentions = eager(pixels, pixel_position_ids=positions, output_attentions=True).attentions[-1]
-        keys = attention.k_norm(attention.k_proj(block.input_layernorm(seen["input"])).unflatten(-1, (-1, attention.head_dim)))
+        keys = attention.k_proj(block.input_layernorm(seen["input"]))
+        keys = attention.k_norm(keys.unflatten(-1, (-1, attention.head_dim)))
         tokens = model.model.embed_vision(features)
     theta = model.config.vision_config.rope_parameters["rope_theta"]
     per_frame, start = [], 0
@@ -129,7 +130,8 @@ def gemma4_rows(model, inputs, items: dict[str, list]) -> list[tuple[torch.Tenso
     config = model.config
     token_ids = {config.image_token_id: ("image", -1), config.video_token_id: ("video", -2),
                  config.audio_token_id: ("audio", -3)}
-    units = {**items, "audio": [(tokens, torch.ones(len(tokens), dtype=torch.bool)) for tokens in audio_tokens(model, inputs)]}
+    clips = [(tokens, torch.ones(len(tokens), dtype=torch.bool)) for tokens in audio_tokens(model, inputs)]
+    units = {**items, "audio": clips}
     queues = {
         name: iter([(token, kept) for tokens, keep in group for token, kept in zip(tokens, keep.tolist())])
         for name, group in units.items()
@@ -163,7 +165,8 @@ def _embed(model, tokens: list[int]) -> torch.Tensor:
     """Embeddings of generated ``tokens``, placeholder ids read as padding."""
     ids = torch.tensor(tokens)
     with torch.no_grad():
-        return model.get_input_embeddings()(ids.masked_fill(_placeholders(model, ids), model.config.text_config.pad_token_id))
+        text_ids = ids.masked_fill(_placeholders(model, ids), model.config.text_config.pad_token_id)
+        return model.get_input_embeddings()(text_ids)
 
 
 def lm_logits(model, embeds: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -184,7 +187,8 @@ def lm_logits(model, embeds: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         per_layer = None
         if text.hidden_size_per_layer_input:
-            per_layer = language.get_per_layer_inputs(ids.masked_fill((ids < 0) | _placeholders(model, ids), text.pad_token_id)[None])
+            text_ids = ids.masked_fill((ids < 0) | _placeholders(model, ids), text.pad_token_id)
+            per_layer = language.get_per_layer_inputs(text_ids[None], None)
         hidden = language(
             inputs_embeds=embeds[None], per_layer_inputs=per_layer, attention_mask=masks,
             position_ids=torch.arange(length)[None], use_cache=False,

@@ -82,7 +82,7 @@ def test_per_layer_embeddings():
     text_ids = ids.masked_fill((ids == IMG_ID) | (ids == VID_ID), model.config.text_config.pad_token_id)
     with torch.no_grad():
         embeds = model.get_input_embeddings()(ids)
-        per_layer = language.get_per_layer_inputs(text_ids)
+        per_layer = language.get_per_layer_inputs(text_ids, None)
         given = model(
             **{k: v for k, v in inputs.items() if k != "input_ids"}, inputs_embeds=embeds, per_layer_inputs=per_layer,
         ).logits[:, -1]
