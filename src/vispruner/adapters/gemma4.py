@@ -155,8 +155,6 @@ class Gemma4Tap:
     def _pooled(self, values: torch.Tensor) -> torch.Tensor:
         """(n, N, K) per patch, 0 at padding -> (T, K) per token, as the pooler averages and strips."""
         length = values.shape[1] // self._kernel**2
-        if length == values.shape[1]:
-            return values[(self._positions != -1).all(dim=-1)]
         pooled, real = self._pooler._avg_pool_by_positions(values, self._positions.to(values.device), length)
         return pooled[real]
 
