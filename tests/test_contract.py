@@ -261,9 +261,10 @@ def gemma4_prompt_lengths(batch: str) -> list[int]:
     return [len(embeds) for embeds, _ in gemma4_rows(model, inputs, gemma4_items(model, inputs, "random", NUM_TOKENS))]
 
 
+@pytest.mark.parametrize("family", ["gemma4"])
 @pytest.mark.parametrize("batch", GEMMA4_BATCHES)
 @pytest.mark.parametrize("method", available_methods())
-def test_method_through_apply_on_gemma4(batch, method):
+def test_method_through_apply_on_gemma4(family, batch, method):
     """Gemma 4 (images of different sizes, two in a prompt; videos): stock at full budget; the
     language model sees the text and the kept tokens, lengths by the step-by-step reference.
     FastV is refused (sliding-window layers)."""

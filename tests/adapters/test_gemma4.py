@@ -19,6 +19,12 @@ NUM_TOKENS = 3
 BATCHES = {"images": PROMPTS, "videos": VIDEO_PROMPTS}
 
 
+@pytest.fixture(params=["gemma4"], autouse=True)
+def family(request) -> str:
+    """Every test's id names the family, which the compatibility table (noxfile.py) files it under."""
+    return request.param
+
+
 def prepared(prompts=PROMPTS, method="vispruner", options=None, budget="per_crop", **build):
     model = tiny_gemma4(**build)
     inputs = gemma4_inputs(prompts)
