@@ -21,9 +21,11 @@ import torch
 import vispruner
 from vispruner.methods import available_methods, get_method
 
+from . import tiny_gemma4
 from .adapters import cases, siglip_cases, tile_cases
 from .adapters.cases import FAMILIES
 from .adapters.reference import image_layouts
+from .adapters.reference_gemma4 import gemma4_items, gemma4_rows
 from .tiny_glm import BUILDERS as GLM_BUILDERS
 from .tiny_glm import IMAGES as GLM_IMAGES
 from .tiny_glm import VIDEOS as GLM_VIDEOS
@@ -247,3 +249,36 @@ def test_method_through_apply_new_families(family, method):
     cut = FASTV_LAYER if get_method(method).stage == "llm" else 0
     assert [seen[i] for i in range(len(layers))] == [full] * cut + [expected] * (len(layers) - cut)
     assert all(e < f for e, f in zip(expected, full))
+
+
+GEMMA4_BATCHES = {"images": tiny_gemma4.PROMPTS, "videos": tiny_gemma4.VIDEO_PROMPTS}
+
+
+@functools.cache
+def gemma4_prompt_lengths(batch: str) -> list[int]:
+    """Per row, text + kept tokens by the reference (every vision method keeps as many)."""
+    model, inputs = tiny_gemma4.tiny_gemma4(text_layers=TEXT_LAYERS), tiny_gemma4.gemma4_inputs(GEMMA4_BATCHES[batch])
+    return [len(embeds) for embeds, _ in gemma4_rows(model, inputs, gemma4_items(model, inputs, "random", NUM_TOKENS))]
+
+
+@pytest.mark.parametrize("family", ["gemma4"])
+@pytest.mark.parametrize("batch", GEMMA4_BATCHES)
+@pytest.mark.parametrize("method", available_methods())
+def test_method_through_apply_on_gemma4(family, batch, method):
+    """Gemma 4 (images of different sizes, two in a prompt; videos): stock at full budget; the
+    language model sees the text and the kept tokens, lengths by the step-by-step reference.
+    FastV is refused (sliding-window layers)."""
+    model = tiny_gemma4.tiny_gemma4(text_layers=TEXT_LAYERS)
+    inputs = tiny_gemma4.gemma4_inputs(GEMMA4_BATCHES[batch])
+    if get_method(method).stage == "llm":
+        with pytest.raises(TypeError, match=f"{method} does not support Gemma 4"):
+            vispruner.apply(model, NUM_TOKENS, method=method)
+        return
+    expected = gemma4_prompt_lengths(batch)
+    assert_keeping_everything_is_stock(model, inputs, method)
+    vispruner.apply(model, NUM_TOKENS, method=method)
+    out, seen = generate_seeing_prefill(model, inputs)
+    assert out.shape == (inputs["input_ids"].shape[0], inputs["input_ids"].shape[1] + STEPS)
+    assert seen, "no decoder layer saw the prefill"
+    assert all(seen[i] == expected for i in seen)
+    assert all(e < f for e, f in zip(expected, inputs["attention_mask"].sum(dim=1).tolist()))

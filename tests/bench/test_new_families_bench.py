@@ -9,6 +9,7 @@ from vispruner.bench.presets import PRESETS
 from vispruner.bench.runner import BenchSettings, run_bench
 from vispruner.eval.budgets import visual_tokens
 
+from ..tiny_gemma4 import tiny_gemma4
 from ..tiny_internvl import TOKENS as INTERNVL_TOKENS
 from ..tiny_internvl import tiny_internvl
 from ..tiny_mistral3 import tiny_mistral3
@@ -49,3 +50,19 @@ def test_preset_is_the_published_architecture(family):
     config = PRESETS[preset].config()
     assert config.model_type == family
     assert visual_tokens(config, image_size=1024) == tokens  # image_size: for families whose count follows it
+
+
+def test_gemma4_bench_counted_flops_equal_the_formula():
+    """Gemma 4 (FastV refused): global layers with their own head size and key heads serving as
+    values, as in the 31B checkpoint; the benchmark image is 16 x 16 tokens, as the preset's."""
+    settings = BenchSettings(tokens=(8,), methods=("vispruner",), repeats=1, warmup=0, text_tokens=8, new_tokens=2)
+    model = tiny_gemma4(text_layers=4, attention_k_eq_v=True, global_head_dim=16, num_global_key_value_heads=1)
+    result = run_bench(model, settings, progress=False)
+    assert result.meta["patches_per_crop"] == 256 == visual_tokens(model.config)
+    full, pruned = result.rows
+    assert full["visual_tokens"] == 256 and pruned["visual_tokens"] == 8 and result.meta["skipped"] == []
+    for row in result.rows:
+        assert round(row["llm_prefill_tflops_analytic"] * 1e12) == round(row["llm_prefill_tflops_counted"] * 1e12), row
+    config = PRESETS["gemma-4-31b"].config()
+    assert config.model_type == "gemma4" and visual_tokens(config) == 256
+    assert visual_tokens(config, image_size=1008) == 21**2  # its own size: 1008 px, 63 patches, pooled 3 x 3

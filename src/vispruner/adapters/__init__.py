@@ -31,6 +31,7 @@ FAMILIES = {
     "smolvlm": "vispruner.adapters.smolvlm",
     "idefics3": "vispruner.adapters.smolvlm",
     "mistral3": "vispruner.adapters.mistral3",
+    "gemma4": "vispruner.adapters.gemma4",
 }
 SUPPORTED = (
     "LLaVA-1.5 (LlavaForConditionalGeneration), LLaVA-NeXT (LlavaNextForConditionalGeneration), "
@@ -42,7 +43,7 @@ SUPPORTED = (
     "GLM-4.5V (Glm4vMoeForConditionalGeneration)"
     ", InternVL 3 / 3.5 (InternVLForConditionalGeneration)"
     ", SmolVLM / Idefics3 (SmolVLMForConditionalGeneration, Idefics3ForConditionalGeneration)"
-    ", Mistral 3 (Mistral3ForConditionalGeneration)"
+    ", Mistral 3 (Mistral3ForConditionalGeneration), Gemma 4 (Gemma4ForConditionalGeneration)"
 )
 
 

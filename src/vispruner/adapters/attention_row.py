@@ -68,6 +68,27 @@ class ProjectionCapture:
             self._score(query, keys)
 
 
+class RotaryCapture(ProjectionCapture):
+    """A :class:`ProjectionCapture` of every query that also records the rotary ``(cos, sin)`` the
+    attention module is called with (``position_embeddings``), so that :meth:`_score` can rotate
+    the projections as the layer does (Pixtral, Gemma 4's encoder)."""
+
+    def __init__(self, attention: nn.Module, projections: tuple[str, str] = ("q_proj", "k_proj")) -> None:
+        super().__init__(attention, projections)
+        self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __enter__(self) -> "RotaryCapture":
+        super().__enter__()
+        self._handles.append(self.attention.register_forward_pre_hook(self._on_input, with_kwargs=True))
+        return self
+
+    def _on_input(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self._rotary = kwargs["position_embeddings"]
+
+    def _row(self, query: torch.Tensor) -> torch.Tensor:
+        return query  # every query counts
+
+
 def head_averaged_row(
     query: torch.Tensor, keys: torch.Tensor, scale: float, visible: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import Gemma3ForConditionalGeneration
 
 from .clip_projector import encoder_layers
-from .siglip import PooledTap, changed_rows
+from .siglip import PooledTap, substitute_changed
 from .vision_stage import Family, Item, Modality
 
 IMAGE = Modality(name="image", encoder="get_image_features", pixels="pixel_values", token_id="image_token_id")
@@ -66,12 +66,7 @@ class GemmaTap(PooledTap):
         return torch.matmul(normed, self.projector.mm_input_projection_weight).type_as(inputs[0]).flatten(0, 1)
 
     def substitute(self, inputs: tuple[Any, ...], features: torch.Tensor) -> tuple[Any, ...]:
-        # In place of the merged rows only, in a copy with the input's strides: the norm's
-        # rounding depends on the memory layout, and unmerged tokens must stay bit for bit.
-        changed = changed_rows(self, inputs, features)
-        merged = inputs[0].clone()
-        merged[changed.view(inputs[0].shape[:2])] = features[changed].to(merged.dtype)
-        return (merged, *inputs[1:])
+        return substitute_changed(self, inputs, features)  # the merged rows only
 
 
 FAMILY = Family(

@@ -27,7 +27,7 @@ from torch import nn
 from transformers import Mistral3ForConditionalGeneration
 
 from .attention_received import mean_attention_received
-from .attention_row import ProjectionCapture
+from .attention_row import RotaryCapture
 from .clip_projector import feature_attention
 from .vision_stage import Family, Item, Modality
 
@@ -74,7 +74,7 @@ def _sizes(arguments: dict[str, Any]) -> list[tuple[int, int]]:
     return [tuple(size) for size in torch.as_tensor(sizes).tolist()]
 
 
-class RotaryReceived(ProjectionCapture):
+class RotaryReceived(RotaryCapture):
     """Within a ``with`` block, records the attention each patch receives from its own image's
     patches in a Pixtral layer (rotary embedding applied as the layer applies it), and its keys.
 
@@ -86,20 +86,8 @@ class RotaryReceived(ProjectionCapture):
         super().__init__(attention)
         self._sizes = sizes
         self._keep_keys = keep_keys
-        self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None
         self.scores: torch.Tensor | None = None
         self.keys: torch.Tensor | None = None
-
-    def __enter__(self) -> "RotaryReceived":
-        super().__enter__()
-        self._handles.append(self.attention.register_forward_pre_hook(self._on_input, with_kwargs=True))
-        return self
-
-    def _on_input(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        self._rotary = kwargs["position_embeddings"]
-
-    def _row(self, query: torch.Tensor) -> torch.Tensor:
-        return query  # every query counts
 
     def _score(self, query: torch.Tensor, keys: torch.Tensor) -> None:
         attention = self.attention

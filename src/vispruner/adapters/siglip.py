@@ -157,3 +157,13 @@ class PooledTap:
 def changed_rows(tap: PooledTap, inputs: tuple[Any, ...], features: torch.Tensor) -> torch.Tensor:
     """(T,) bool: the tokens whose ``features`` differ from the tap's own (merged by the method)."""
     return (features != tap.features(inputs)).any(dim=-1)
+
+
+def substitute_changed(tap: PooledTap, inputs: tuple[Any, ...], features: torch.Tensor) -> tuple[Any, ...]:
+    """``tap.module``'s inputs with the rows of (T, C) ``features`` that differ from the tap's own
+    (a merging method's merged tokens) put in place, in a copy with the input's strides: a norm's
+    rounding depends on the memory layout, and unmerged tokens must stay bit for bit."""
+    changed = changed_rows(tap, inputs, features)
+    merged = inputs[0].clone()
+    merged[changed.view(inputs[0].shape[:-1])] = features[changed].to(merged.dtype)
+    return (merged, *inputs[1:])

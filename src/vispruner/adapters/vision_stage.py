@@ -220,6 +220,8 @@ class Family:
         modalities: the visual inputs the family prunes.
         positions: how positions are built for the short prompt.
         streams: further (B, L) ``forward`` arguments compacted with the tokens (new padding 0).
+        passthrough: further ``forward`` arguments the wrappers pass on as they are (Gemma 4's
+            audio features: the tokens they fill are kept, as text is).
         item_streams: attributes of the feature output that hold, per layer, one tensor per
             item aligned with its tokens (Qwen3-VL's deepstack features); kept rows are taken.
         shared_piece_budget: with ``budget="per_crop"``, whether ``num_tokens`` is shared by an
@@ -242,6 +244,7 @@ class Family:
     modalities: tuple[Modality, ...]
     positions: Positions = field(default_factory=CompactedPositions)
     streams: tuple[str, ...] = ()
+    passthrough: tuple[str, ...] = ()
     item_streams: tuple[str, ...] = ()
     shared_piece_budget: bool = False
     original_positions_only: bool = False
@@ -251,10 +254,10 @@ class Family:
 
     @property
     def arguments(self) -> frozenset[str]:
-        """The family's own ``forward`` arguments (pixels, grids, streams), which the generation
+        """The family's own ``forward`` arguments (pixels, grids, streams, passed-through ones), which the generation
         protocol's drift check (:func:`.hf_seam.check_known`) accepts besides the common ones."""
         names = {name for modality in self.modalities for name in (modality.pixels, *modality.arguments)}
-        return frozenset(names.union(self.streams))
+        return frozenset(names.union(self.streams, self.passthrough))
 
 
 @dataclass

@@ -21,6 +21,10 @@ width s (Qwen3.5-MoE also gates the shared expert, a d -> 1 projection):
     experts      6 n k d m'               only the k chosen experts run on a token
     shared       6 n d s   (+ 2 n d)
 
+Gemma 4 gives its global (full-attention) layers their own head size and key/value heads
+(``per_layer_config``), and with ``attention_k_eq_v`` no value projection there (the keys serve
+as values): their projections cost 2 n d (2 H h' + K' h').
+
 Qwen3.5's softmax layers also project an output gate (q_proj is 2 H h wide: + 2 n d H h). Its
 linear-attention layers (gated delta rule; K key heads of size k, V value heads of size v, a
 depthwise causal conv of width w over the C = 2 K k + V v projected channels) cost, as
@@ -64,8 +68,6 @@ def llm_prefill_flops(
     """
     d = text_config.hidden_size
     heads = text_config.num_attention_heads
-    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(text_config, "head_dim", None) or d // heads
     mlp_matrices = 3 if gated_mlp else 2
     total = 0
     query_width = 2 if text_config.model_type in _GATED_ATTENTION else 1
@@ -74,8 +76,9 @@ def llm_prefill_flops(
         if layer_types[index] == "linear_attention":
             total += _linear_attention_flops(text_config, n)
         else:
-            total += 2 * n * d * ((1 + query_width) * heads * head_dim + 2 * kv_heads * head_dim)
-            total += 4 * n * n * heads * head_dim
+            size, keys, values = _attention_shape(text_config, index)
+            total += 2 * n * d * ((1 + query_width) * heads * size + (1 + values) * keys * size)
+            total += 4 * n * n * heads * size
         mlp = _moe_flops(text_config, index, n)
         if mlp is None:
             mlp = 2 * mlp_matrices * n * d * text_config.intermediate_size
@@ -88,6 +91,19 @@ def llm_prefill_flops(
 _GATED_ATTENTION = {"qwen3_5_text", "qwen3_5_moe_text"}
 #: Tokens per chunk of transformers' reference gated-delta-rule implementation.
 _DELTA_CHUNK = 64
+
+
+def _attention_shape(config: "PretrainedConfig", index: int) -> tuple[int, int, int]:
+    """(head size, key/value heads, value projections: 1 or 0) of softmax layer ``index``, read
+    from the layer's own config where the config has per-layer ones (Gemma 4's global layers; its
+    config refuses to give one value for all layers), see the module doc."""
+    layers = getattr(config, "per_layer_config", None)
+    layer = config if layers is None else layers[index]
+    heads = config.num_attention_heads
+    kv_heads = getattr(layer, "num_key_value_heads", None) or heads
+    size = getattr(layer, "head_dim", None) or config.hidden_size // heads
+    shared_values = getattr(config, "attention_k_eq_v", False) and config.layer_types[index] != "sliding_attention"
+    return size, kv_heads, 0 if shared_values else 1
 
 
 def _linear_attention_flops(config: "PretrainedConfig", n: int) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING
 
-from ..eval.budgets import square_side
+from ..eval.budgets import GEMMA4_SIDE_TOKENS, square_side
 
 if TYPE_CHECKING:
     import torch
@@ -25,6 +25,15 @@ def is_qwen(model: "PreTrainedModel") -> bool:
     return hasattr(model.config.vision_config, "spatial_merge_size")
 
 
+def is_gemma4(model: "PreTrainedModel") -> bool:
+    """Whether ``model`` is Gemma 4-shaped (patches with positions pooled k x k, no fixed size)."""
+    return hasattr(model.config.vision_config, "pooling_kernel_size")
+
+
+#: Gemma 4's processor pads every image to its token budget's patches (default 280 tokens).
+GEMMA4_BUDGET = 280
+
+
 def is_next(model: "PreTrainedModel") -> bool:
     """Whether ``model`` is LLaVA-NeXT-shaped (anyres crops, ``image_sizes`` input)."""
     return getattr(model.config, "image_grid_pinpoints", None) is not None
@@ -36,8 +45,13 @@ def default_image_size(model: "PreTrainedModel") -> tuple[int, int]:
     LLaVA: the tower's square input. LLaVA-NeXT: the largest grid resolution, the case with the
     most crops (672 x 672 on the 7B checkpoints: the base image plus 2 x 2 crops, as in the
     paper's efficiency table). Qwen-VL: the square image of 24 x 24 = 576 merged tokens (672 px
-    for Qwen2.5-VL's 14 px patches, 768 px for Qwen3-VL's 16 px), as many as LLaVA-1.5's.
+    for Qwen2.5-VL's 14 px patches, 768 px for Qwen3-VL's 16 px), as many as LLaVA-1.5's. Gemma 4:
+    the square image its processor makes at its default budget (768 px, 16 x 16 tokens).
     """
+    if is_gemma4(model):
+        vision = model.config.vision_config
+        side = GEMMA4_SIDE_TOKENS * vision.patch_size * vision.pooling_kernel_size
+        return side, side
     if is_qwen(model):
         vision = model.config.vision_config
         side = QWEN_SIDE_TOKENS * vision.patch_size * vision.spatial_merge_size
@@ -53,12 +67,24 @@ def image_inputs(
     model: "PreTrainedModel", batch_size: int, image_size: tuple[int, int], seed: int = 0
 ) -> dict[str, "torch.Tensor"]:
     """``pixel_values`` (and ``image_sizes`` for LLaVA-NeXT and Mistral 3, ``image_grid_thw`` for
-    Qwen-VL, ``pixel_attention_mask`` for Idefics3) for one image per prompt (Idefics3: one tile)."""
+    Qwen-VL, ``pixel_attention_mask`` for Idefics3, ``image_position_ids`` for Gemma 4) for one
+    image per prompt (Idefics3: one tile)."""
     import torch
 
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     generator = torch.Generator().manual_seed(seed)
+    if is_gemma4(model):
+        # Patches in raster order with their (x, y), padded (position -1) as the processor pads.
+        vision = model.config.vision_config
+        rows, cols = image_size[0] // vision.patch_size, image_size[1] // vision.patch_size
+        padded = max(GEMMA4_BUDGET * vision.pooling_kernel_size**2, rows * cols)
+        ys, xs = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        positions = torch.full((padded, 2), -1)
+        positions[: rows * cols] = torch.stack([xs.flatten(), ys.flatten()], dim=-1)
+        pixels = torch.zeros(batch_size, padded, 3 * vision.patch_size**2)
+        pixels[:, : rows * cols] = torch.rand(batch_size, rows * cols, pixels.shape[-1], generator=generator)
+        return {"pixel_values": pixels, "image_position_ids": positions.expand(batch_size, -1, -1).clone()}
     if is_qwen(model):
         vision = model.config.vision_config
         rows, cols = image_size[0] // vision.patch_size, image_size[1] // vision.patch_size
@@ -127,7 +153,8 @@ def prompt_inputs(
     placeholders = torch.full((batch, visual_tokens), image_id)
     input_ids = torch.cat([bos, placeholders, words], dim=1)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **images}
-    if is_qwen(model):
+    if is_qwen(model) or is_gemma4(model):
+        # Gemma 4: its image tokens attend to each other both ways in the sliding-window layers.
         inputs["mm_token_type_ids"] = (input_ids == image_id).int()
     if "token_type_ids" in inspect.signature(model.forward).parameters:
         # Gemma 3: its image tokens attend to each other both ways, marked by token type 1.

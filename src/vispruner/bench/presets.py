@@ -392,6 +392,25 @@ def _mistral_small_3_1() -> "PretrainedConfig":
     return Mistral3Config(image_token_index=10)
 
 
+def _gemma4_31b() -> "PretrainedConfig":
+    """google/gemma-4-31B-it: its encoder (27 layers, 1152 wide, 16 px patches pooled 3 x 3), a
+    60-layer decoder (5 sliding-window layers of 256-wide heads per global layer of 512-wide heads
+    with 4 key heads that serve as values), no per-layer embeddings, no audio tower."""
+    from transformers import Gemma4Config, Gemma4TextConfig, Gemma4VisionConfig
+
+    vision = Gemma4VisionConfig(
+        hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
+        head_dim=72, patch_size=16, pooling_kernel_size=3, position_embedding_size=10240, standardize=True,
+    )
+    text = Gemma4TextConfig(
+        vocab_size=262144, hidden_size=5376, intermediate_size=21504, num_hidden_layers=60, num_attention_heads=32,
+        num_key_value_heads=16, head_dim=256, global_head_dim=512, num_global_key_value_heads=4, attention_k_eq_v=True,
+        sliding_window=1024, final_logit_softcapping=30.0, use_bidirectional_attention="vision",
+        hidden_size_per_layer_input=0, max_position_embeddings=262144,
+    )
+    return Gemma4Config(text_config=text, vision_config=vision, audio_config=None)
+
+
 _QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
 
 PRESETS: dict[str, Preset] = {
@@ -424,6 +443,7 @@ PRESETS: dict[str, Preset] = {
         Preset("internvl3-8b", "OpenGVLab/InternVL3-8B-hf", _internvl3_8b),
         Preset("idefics3-8b", "HuggingFaceM4/Idefics3-8B-Llama3", _idefics3_8b),
         Preset("mistral-small-3.1-24b", "mistralai/Mistral-Small-3.1-24B-Instruct-2503", _mistral_small_3_1),
+        Preset("gemma-4-31b", "google/gemma-4-31B-it", _gemma4_31b),
         Preset("tiny-llava", "", lambda: _llava(_TINY_TEXT, _TINY_VISION, image_token_id=511)),
         Preset("tiny-qwen2.5-vl", "", _tiny_qwen2_5_vl),
         Preset("tiny-glm-4.5v", "", _tiny_glm4_5v),

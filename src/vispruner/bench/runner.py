@@ -121,10 +121,14 @@ def _parts(model: PreTrainedModel) -> dict[str, torch.nn.Module]:
         # Idefics3 / SmolVLM name the same three parts otherwise.
         parts = (inner.vision_model, inner.connector, inner.text_model)
         return dict(zip(names, parts)) | {"lm_head": model.lm_head}
+    if inner is not None and all(hasattr(inner, name) for name in ("vision_tower", "embed_vision", "language_model")):
+        # Gemma 4's projector is its embedder.
+        parts = (inner.vision_tower, inner.embed_vision, inner.language_model)
+        return dict(zip(names, parts)) | {"lm_head": model.lm_head}
     if inner is None or not all(hasattr(inner, name) for name in names) or not hasattr(model, "lm_head"):
         raise TypeError(
             "bench supports models with a vision tower, a multimodal projector and a language model (LLaVA-1.5, "
-            f"LLaVA-NeXT, LLaVA-OneVision, Gemma 3, InternVL, Mistral 3, Idefics3) and Qwen-VL models; got {type(model).__name__}"
+            f"LLaVA-NeXT, LLaVA-OneVision, Gemma 3, Gemma 4, InternVL, Mistral 3, Idefics3) and Qwen-VL models; got {type(model).__name__}"
         )
     return {name: getattr(inner, name) for name in names} | {"lm_head": model.lm_head}
 

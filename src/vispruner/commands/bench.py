@@ -27,14 +27,11 @@ def _label(args: argparse.Namespace, presets: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vispruner.bench.presets import PRESETS
+
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="local path or hub id of a LLaVA-1.5 / LLaVA-NeXT checkpoint")
-    source.add_argument(
-        "--preset",
-        help="architecture with random weights, no download: llava-1.5-7b, llava-1.5-13b, llava-next-7b, "
-        "llava-onevision-7b, gemma-3-4b, qwen2.5-vl-7b, qwen3-vl-8b, tiny-llava, tiny-llava-next, tiny-qwen2.5-vl, "
-        "glm-4.1v-9b, glm-4.5v, qwen3.5-35b-a3b, tiny-glm-4.5v, tiny-qwen3.5-moe",
-    )
+    source.add_argument("--preset", help=f"architecture with random weights, no download: {', '.join(PRESETS)}")
     parser.add_argument("--tokens", type=_int_list, default=(576, 192, 128, 64, 32),
                         help="visual-token budgets per crop (default 576,192,128,64,32)")
     parser.add_argument("--methods", type=method_names, default=None,

@@ -54,6 +54,11 @@ def parse_budgets(spec: str, total: int) -> list[Budget]:
     return [parse_budget(p, total) for p in parts]
 
 
+#: Gemma 4: tokens per side of a square image at its processor's default budget (280 tokens):
+#: 16 x 16 = 256, from 768 px on the checkpoints' 16 px patches pooled 3 x 3.
+GEMMA4_SIDE_TOKENS = 16
+
+
 def visual_tokens(model: Any, image_size: int | None = None) -> int:
     """Visual tokens per image (per crop, for anyres models) that the language model receives
     unpruned: the budget's unit. A Qwen-VL model sees one token per 2 x 2 patches of the image it
@@ -63,6 +68,10 @@ def visual_tokens(model: Any, image_size: int | None = None) -> int:
     """
     config = getattr(model, "config", model)
     vision = config.vision_config
+    kernel = getattr(vision, "pooling_kernel_size", None)
+    if kernel is not None:  # Gemma 4: images at their own size, k x k patches a token
+        side = GEMMA4_SIDE_TOKENS if image_size is None else image_size // (vision.patch_size * kernel)
+        return side**2
     if hasattr(vision, "spatial_merge_size"):
         if image_size is None:
             raise ValueError(f"image_size must be given for {config.model_type}: its visual tokens follow the image size")
