@@ -132,3 +132,10 @@ def test_the_overhead_is_given_as_a_share_of_the_pruned_prefill_at_batch_one(tmp
         cells = next(cells for cells in lines if cells[0] == row["method"] and len(cells) == len(titles))
         assert cells[titles.index("% pruned prefill")] == f"{share:.2%}"
         assert cells[titles.index("% full prefill")] == f"{row['pruning_overhead_ms'] / rows[0]['prefill_ms']:.2%}"
+
+
+def test_the_help_names_every_preset():
+    from vispruner.bench.presets import PRESETS
+    from vispruner.commands.bench import PRESET_NAMES
+
+    assert PRESET_NAMES == tuple(PRESETS)

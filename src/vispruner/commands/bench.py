@@ -19,6 +19,16 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+#: The names of ``vispruner.bench.presets.PRESETS``, written out: importing that module imports
+#: torch, which ``--help`` and usage errors must not pay for (a test keeps the two equal).
+PRESET_NAMES = (
+    "llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "qwen2.5-vl-7b", "qwen3-vl-8b", "llava-onevision-7b",
+    "gemma-3-4b", "glm-4.1v-9b", "glm-4.5v", "qwen3.5-35b-a3b", "internvl3-8b", "idefics3-8b",
+    "mistral-small-3.1-24b", "gemma-4-31b", "tiny-llava", "tiny-qwen2.5-vl", "tiny-glm-4.5v", "tiny-qwen3.5-moe",
+    "tiny-llava-next",
+)
+
+
 def _label(args: argparse.Namespace, presets: dict) -> str:
     if args.preset is None:
         return args.model
@@ -27,11 +37,9 @@ def _label(args: argparse.Namespace, presets: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vispruner.bench.presets import PRESETS
-
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="local path or hub id of a LLaVA-1.5 / LLaVA-NeXT checkpoint")
-    source.add_argument("--preset", help=f"architecture with random weights, no download: {', '.join(PRESETS)}")
+    source.add_argument("--preset", help=f"architecture with random weights, no download: {', '.join(PRESET_NAMES)}")
     parser.add_argument("--tokens", type=_int_list, default=(576, 192, 128, 64, 32),
                         help="visual-token budgets per crop (default 576,192,128,64,32)")
     parser.add_argument("--methods", type=method_names, default=None,
