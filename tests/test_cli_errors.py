@@ -176,11 +176,6 @@ def test_clip_is_loaded_once_and_goes_to_cdpruner_with_the_questions(testbed_cli
     assert seen and all(len(texts) == 2 and all(texts) for texts in seen)
 
 
-def test_clip_on_a_family_without_clip_stops_before_work(testbed_clip, capsys, no_work):
-    line = usage_error(["eval", "--model", "testbed-qwen", "--methods", "cdpruner", "--clip", testbed_clip], capsys)
-    assert "clip is for the families with a CLIP vision tower (LLaVA-1.5, LLaVA-NeXT); got a Qwen2.5-VL" in line
-
-
 def test_python_dash_m_vispruner():
     # The package under test, not whichever copy is installed.
     env = {**os.environ, "PYTHONPATH": str(Path(vispruner.__file__).parents[1])}
@@ -293,3 +288,22 @@ def test_a_method_named_twice_runs_once(argv, expected):
 
 def test_demo_takes_one_method_named_twice_as_one():
     assert build_parser().parse_args(["demo", "--method", "fastv,fastv"]).method == "fastv"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "--model", "testbed-qwen", "--methods", "cdpruner", "--clip", "some/clip"],
+        ["demo", "--model", "testbed-qwen", "--method", "cdpruner", "--clip", "some/clip"],
+        ["bench", "--preset", "qwen2.5-vl-7b", "--methods", "cdpruner", "--clip", "some/clip"],
+    ],
+)
+def test_clip_on_a_family_without_a_clip_tower_is_refused_before_loading_clip(argv, capsys, no_work, monkeypatch):
+    import vispruner.adapters.clip_joint as clip_joint
+
+    def load(*args, **kwargs):
+        raise AssertionError("the CLIP checkpoint was loaded before the family was checked")
+
+    monkeypatch.setattr(clip_joint, "load_clip", load)
+    line = usage_error(argv, capsys)
+    assert "--clip is for LLaVA-1.5 and LLaVA-NeXT" in line and argv[2] in line, line

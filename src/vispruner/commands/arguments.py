@@ -30,6 +30,19 @@ METHOD_OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
 }
 
 
+#: The names of ``vispruner.bench.presets.PRESETS``, written out: importing that module imports
+#: torch, which ``--help`` and usage errors must not pay for (a test keeps the two equal).
+PRESET_NAMES = (
+    "llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "qwen2.5-vl-7b", "qwen3-vl-8b", "llava-onevision-7b",
+    "gemma-3-4b", "glm-4.1v-9b", "glm-4.5v", "qwen3.5-35b-a3b", "internvl3-8b", "idefics3-8b",
+    "mistral-small-3.1-24b", "gemma-4-31b", "tiny-llava", "tiny-qwen2.5-vl", "tiny-glm-4.5v", "tiny-qwen3.5-moe",
+    "tiny-llava-next",
+)
+#: The bundled models and presets whose vision tower is CLIP's (LLaVA-1.5 / LLaVA-NeXT), the only
+#: ones ``--clip`` serves; for the others it is refused before a CLIP checkpoint is loaded.
+CLIP_TOWERS = ("testbed", "llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "tiny-llava", "tiny-llava-next")
+
+
 def flag(option: str) -> str:
     return "--" + option.replace("_", "-")
 
@@ -99,6 +112,9 @@ def method_options(args: argparse.Namespace, methods: Sequence[str]) -> MethodOp
         value = getattr(args, option, None)
         if value is None:
             continue
+        named = getattr(args, "preset", None) or getattr(args, "model", None)
+        if option == "clip" and (named == "testbed-qwen" or named in PRESET_NAMES) and named not in CLIP_TOWERS:
+            raise UsageError(f"--clip is for LLaVA-1.5 and LLaVA-NeXT (a CLIP vision tower); {named} has none")
         takers = [name for name in methods if option in get_method(name).options]
         if not takers:
             owners = ", ".join(name for name in available_methods() if option in get_method(name).options)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .arguments import UsageError, add_method_options, check_output, check_plot, integer_at_least, method_names, method_options
+from .arguments import PRESET_NAMES, UsageError, add_method_options, check_output, check_plot, integer_at_least, method_names, method_options
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -17,16 +17,6 @@ def _int_list(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, e.g. 576,64; got {text!r}")
     return values
-
-
-#: The names of ``vispruner.bench.presets.PRESETS``, written out: importing that module imports
-#: torch, which ``--help`` and usage errors must not pay for (a test keeps the two equal).
-PRESET_NAMES = (
-    "llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "qwen2.5-vl-7b", "qwen3-vl-8b", "llava-onevision-7b",
-    "gemma-3-4b", "glm-4.1v-9b", "glm-4.5v", "qwen3.5-35b-a3b", "internvl3-8b", "idefics3-8b",
-    "mistral-small-3.1-24b", "gemma-4-31b", "tiny-llava", "tiny-qwen2.5-vl", "tiny-glm-4.5v", "tiny-qwen3.5-moe",
-    "tiny-llava-next",
-)
 
 
 def _label(args: argparse.Namespace, presets: dict) -> str:
