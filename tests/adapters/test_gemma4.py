@@ -13,7 +13,7 @@ import vispruner
 
 from ..tiny_gemma4 import AUDIO_PROMPTS, IMG_ID, PROMPTS, VID_ID, VIDEO_PROMPTS, gemma4_inputs, tiny_gemma4
 from .reference_gemma4 import continuation_logits, gemma4_items, gemma4_rows, greedy, lm_logits
-from .test_new_families import RUNS, STEPS, new_tokens
+from .test_new_families import RUNS, STEPS, generate_seeing_decoder, new_tokens
 
 NUM_TOKENS = 3
 BATCHES = {"images": PROMPTS, "videos": VIDEO_PROMPTS}
@@ -38,17 +38,7 @@ def prepared(prompts=PROMPTS, method="vispruner", options=None, budget="per_crop
 @pytest.mark.parametrize(("method", "options"), RUNS)
 def test_language_model_receives_text_and_kept_tokens(batch, method, options):
     model, inputs, rows = prepared(BATCHES[batch], method, options)
-    seen = {}
-
-    def record(module, args, kwargs):
-        seen.setdefault("embeds", kwargs["inputs_embeds"])
-        seen.setdefault("mask", kwargs["attention_mask"])
-
-    handle = model.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
-    finally:
-        handle.remove()
+    out, seen = generate_seeing_decoder(model, inputs)
     # The last query's row of the (B, 1, L', L') causal mask: the row's real tokens (None: no padding).
     masks = seen["mask"]["full_attention"]
     real = torch.ones(seen["embeds"].shape[:2], dtype=torch.bool) if masks is None else masks[:, 0, -1]

@@ -41,10 +41,9 @@ def new_tokens(out, inputs) -> list[list[int]]:
     return out[:, inputs["input_ids"].shape[1] :].tolist()
 
 
-@pytest.mark.parametrize("family", CASES)
-@pytest.mark.parametrize(("method", "options"), RUNS)
-def test_language_model_receives_text_and_kept_tokens(family, method, options):
-    model, inputs, rows = prepared(family, method, options)
+def generate_seeing_decoder(model, inputs) -> tuple[torch.Tensor, dict]:
+    """Greedy ``generate`` of STEPS tokens, and the decoder's first ``inputs_embeds`` and
+    ``attention_mask`` (the prefill's: what the language model was given)."""
     seen = {}
 
     def record(module, args, kwargs):
@@ -56,6 +55,14 @@ def test_language_model_receives_text_and_kept_tokens(family, method, options):
         out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
     finally:
         handle.remove()
+    return out, seen
+
+
+@pytest.mark.parametrize("family", CASES)
+@pytest.mark.parametrize(("method", "options"), RUNS)
+def test_language_model_receives_text_and_kept_tokens(family, method, options):
+    model, inputs, rows = prepared(family, method, options)
+    out, seen = generate_seeing_decoder(model, inputs)
     for embeds, mask, (expected, _) in zip(seen["embeds"], seen["mask"], rows, strict=True):
         # Pooling averages in another order than the reference with 2 threads: 1.1e-6 seen.
         torch.testing.assert_close(embeds[mask.bool()], expected, rtol=1e-4, atol=1e-5)
