@@ -46,3 +46,15 @@ def test_published_preset_has_the_published_shapes():
     assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (2048, 40, 16, 2)
     assert (text.num_experts, text.num_experts_per_tok, text.moe_intermediate_size) == (256, 8, 512)
     assert text.layer_types.count("full_attention") == 10 and text.layer_types[3] == "full_attention"
+
+
+def test_counting_leaves_the_parameters_as_they_were():
+    # The FLOP count turns requires_grad off for its pass (transformers 5.25's Qwen3.5 passes
+    # Parameters to module calls, which the counter cannot hook under inference_mode).
+    model, full = build_preset("tiny-qwen3.5-moe")
+    model.lm_head.weight.requires_grad_(False)
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    settings = BenchSettings(tokens=(16,), methods=("vispruner",), text_tokens=TEXT, new_tokens=2, repeats=1, warmup=0)
+    run_bench(model, settings, full_layers=full, progress=False)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == before
+    assert not all(before.values()) and any(before.values())
