@@ -53,6 +53,9 @@ def vispruner_selection(
     probes, exactly: the whole selection costs about as much as the similarity, O(N^2 C), not
     O(N^3). On the CPU the step loop runs in one native call where a C++ compiler exists
     (:mod:`._native`; the same values and the same sort, so the same masks), else as tensor ops.
+    On a GPU the steps read each A token's highest similarity to B as a masked row maximum (the
+    same element; no host reads), and the whole selection replays from a CUDA graph
+    (:mod:`._graphs`).
 
     Where the authors' code crashes, this keeps their rule and stays total:
       * an odd list length: A (even positions) has one token more than B, as the split gives;
