@@ -24,7 +24,13 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def dense(monkeypatch) -> None:
     """Make the CPU take the GPU's duplicate removal."""
     monkeypatch.setattr(vispruner_module._native, "library", lambda: None)
-    monkeypatch.setattr(vispruner_module, "_remove_duplicates", vispruner_module._remove_duplicates_dense)
+    monkeypatch.setattr(
+        vispruner_module,
+        "_remove_duplicates",
+        lambda features, residual, budget: vispruner_module._remove_duplicates_dense(
+            vispruner_module.residual_similarity(features, residual), residual, budget
+        ),
+    )
 
 
 @settings(max_examples=80, deadline=None)

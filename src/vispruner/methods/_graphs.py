@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 
+from . import _triton
+
 #: Captured graphs kept (least recently used dropped first); each holds its own memory pool.
 MAX_GRAPHS = 16
 #: Eager runs before a capture, on a side stream, as torch's capture recipe asks (lazy
@@ -71,7 +73,9 @@ def run(function: Callable[..., Outputs], inputs: Outputs, *options: object) -> 
     """
     if not enabled(inputs[0].device) or torch.cuda.is_current_stream_capturing():
         return function(*inputs, *options)
-    key = (function, options, tuple((tensor.shape, tensor.dtype, tensor.device) for tensor in inputs))
+    # A graph records the kernels its capture ran: one with the Triton kernels is not replayed
+    # after ``VISPRUNER_TRITON=0`` (nor the other way round).
+    key = (function, options, _triton.enabled(), tuple((t.shape, t.dtype, t.device) for t in inputs))
     with _lock:
         if key not in _graphs:
             _graphs[key] = _capture(function, inputs, options)

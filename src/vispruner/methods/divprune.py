@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _graphs, _native
+from . import _graphs, _native, _triton
 from ._checks import check_features, check_num_tokens, require_signal
 from ._threads import serial
 from .base import Method, Selection, VisionSignals, register
@@ -58,6 +58,9 @@ def _greedy_max_min(features: torch.Tensor, num_keep: int) -> tuple[torch.Tensor
     if native is not None:
         # The whole loop in one call: the same comparisons on the same similarity.
         return (_native.greedy_max_min(native, similarity, first, num_keep),)
+    if _triton.usable(similarity, tokens, _triton.MAX_TOKENS):
+        # On a GPU, the whole loop in one kernel launch: the same comparisons again.
+        return (_triton.greedy_max_min(similarity, first, num_keep),)
     rows = torch.arange(batch, device=features.device)
     keep = torch.zeros(batch, tokens, dtype=torch.bool, device=features.device)
     keep.scatter_(1, first.unsqueeze(1), True)  # scatter, not index_put: nothing from the host

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from . import _graphs, _native
+from . import _graphs, _native, _triton
 from ._checks import check_attention, check_features, check_num_tokens, check_ratio, require_signal
 from ._threads import serial
 from .base import Method, Selection, VisionSignals, register
@@ -54,8 +54,9 @@ def vispruner_selection(
     O(N^3). On the CPU the step loop runs in one native call where a C++ compiler exists
     (:mod:`._native`; the same values and the same sort, so the same masks), else as tensor ops.
     On a GPU the steps read each A token's highest similarity to B as a masked row maximum (the
-    same element; no host reads), and the whole selection replays from a CUDA graph
-    (:mod:`._graphs`).
+    same element; no host reads); where Triton is, one kernel launch runs every step of every
+    image, ordering ties as CUDA's sort does (:mod:`._triton`); and the whole selection replays
+    from a CUDA graph (:mod:`._graphs`).
 
     Where the authors' code crashes, this keeps their rule and stays total:
       * an odd list length: A (even positions) has one token more than B, as the split gives;
@@ -139,7 +140,11 @@ def _remove_duplicates(features: torch.Tensor, residual: torch.Tensor, budget: i
         # Nothing survives (FasterVLM, important_ratio=1): skip the similarity and the loop.
         return residual[:, :0]
     if features.device.type != "cpu":
-        return _remove_duplicates_dense(features, residual, budget)
+        similarity = residual_similarity(features, residual)
+        if _triton.usable(similarity, length, _triton.MAX_RESIDUAL):
+            # The whole loop in one kernel launch: the same steps on the same similarity.
+            return torch.gather(residual, 1, _triton.remove_duplicates(similarity, budget))
+        return _remove_duplicates_dense(similarity, residual, budget)
     native = _native.library()
     if native is not None:
         # The whole loop in one call, on the same similarity and partner lists: the same tokens.
@@ -163,12 +168,12 @@ def _remove_duplicates(features: torch.Tensor, residual: torch.Tensor, budget: i
     return torch.gather(members, 1, partners.positions(order))
 
 
-def _remove_duplicates_dense(features: torch.Tensor, residual: torch.Tensor, budget: int) -> torch.Tensor:
-    """:func:`_remove_duplicates` for GPUs: the same steps, each A token's highest similarity to
-    B read as a masked maximum over its row, the same element of the same similarity. Its shapes
-    follow from (R, budget) alone and it reads nothing back to the host (the partner lists need
-    ``nonzero``), so a CUDA graph can capture it; a GPU reads the rows faster than it syncs."""
-    similarity = residual_similarity(features, residual)
+def _remove_duplicates_dense(similarity: torch.Tensor, residual: torch.Tensor, budget: int) -> torch.Tensor:
+    """:func:`_remove_duplicates` for GPUs, given ``residual``'s :func:`residual_similarity`: the
+    same steps, each A token's highest similarity to B read as a masked maximum over its row, the
+    same element of the same similarity. Its shapes follow from (R, budget) alone and it reads
+    nothing back to the host (the partner lists need ``nonzero``), so a CUDA graph can capture
+    it; a GPU reads the rows faster than it syncs."""
     members = residual
     order = _listed(similarity)
     while order.shape[1] > budget:

@@ -1,0 +1,106 @@
+"""Selection loops on a CUDA GPU in one Triton kernel launch: one program per image runs every step.
+
+Eager, VisPruner's duplicate removal is a dozen kernels per step (64 steps for a LLaVA-1.5 image)
+and DivPrune's greedy max-min a handful per chosen token; even replayed from a CUDA graph
+(:mod:`._graphs`) that is about a thousand kernels, which take longer than the similarity itself.
+Here each image's whole loop is one Triton program that keeps its list in a small scratch buffer
+and reads the similarity the eager code computed; the steps are the eager code's, on the same
+elements, so the masks are the same:
+
+* A step ranks A by ``torch.argsort(closeness, descending=True)``, whose order of tied values is
+  CUDA's: for at most 32 values, the bitonic network of ``SmallBitonicSort`` (unstable: ties swap),
+  replayed here comparison for comparison; for more, a stable order (warp merge sort up to 128,
+  block radix sort up to 4,096), which is rank = #greater + #equal before. Closeness never holds
+  -0.0 (the eager code adds 0.0 before its maximum, and so does this), so the radix sort's
+  ordering of signed zeros never differs from a comparison's.
+* DivPrune takes ``argmin`` (first index among ties, as torch documents) of the nearest-chosen
+  similarities with chosen tokens masked to +inf, and keeps a running maximum.
+
+:func:`usable` says whether the kernels apply (a CUDA tensor, Triton importable, lengths the kernel
+is sized for, ``VISPRUNER_TRITON`` not ``0``); elsewhere the eager code runs, with the same masks.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+#: Longest residual list the duplicate-removal kernel takes: one program per image runs the
+#: whole loop, which beats a thousand small kernels for LLaVA-sized images, not at high resolution.
+MAX_RESIDUAL = 1024
+#: Most tokens per image the greedy max-min kernel takes (one program keeps a row in registers).
+MAX_TOKENS = 4096
+#: CUDA's SmallBitonicSort sorts up to this many values in one 32-slot network.
+BITONIC = 32
+#: The published step size (tokens dropped per step), as in :mod:`.vispruner`.
+STEP = 8
+
+
+def _kernels():  # noqa: ANN202 - the module of Triton JIT functions
+    from . import _triton_kernels
+
+    return _triton_kernels
+
+
+def enabled() -> bool:
+    """Whether the Triton kernels may be used at all (``VISPRUNER_TRITON=0`` turns them off)."""
+    if os.environ.get("VISPRUNER_TRITON", "1") == "0":
+        return False
+    return _importable()
+
+
+@functools.cache
+def _importable() -> bool:
+    try:
+        _kernels()
+    except Exception:  # noqa: BLE001 - no Triton, or one that cannot build these kernels: eager code
+        return False
+    return True
+
+
+def usable(tensor: torch.Tensor, length: int, limit: int) -> bool:
+    """Whether a kernel runs for ``tensor``'s device and a list of ``length`` (at most ``limit``)."""
+    return tensor.device.type == "cuda" and length <= limit and enabled()
+
+
+def _block(size: int) -> int:
+    return max(16, 1 << max(0, size - 1).bit_length())
+
+
+def step_count(length: int, budget: int) -> int:
+    """Steps duplicate removal takes from ``length`` tokens to ``budget``."""
+    steps = 0
+    while length > budget:
+        length -= min(STEP, length - budget, (length + 1) // 2)
+        steps += 1
+    return steps
+
+
+def remove_duplicates(similarity: torch.Tensor, budget: int) -> torch.Tensor:
+    """(B, budget) int64 rows of ``similarity`` (B, R, R) float32 that survive duplicate removal,
+    in list order: what :func:`.vispruner._remove_duplicates_dense` returns, for 0 < budget < R."""
+    batch, length, _ = similarity.shape
+    r_block = _block(length)
+    a_block = max(BITONIC, _block((length + 1) // 2))
+    device = similarity.device
+    lists = torch.empty(batch, 2, r_block, dtype=torch.int32, device=device)
+    keys = torch.empty(batch, a_block, dtype=torch.float32, device=device)
+    values = torch.empty(batch, BITONIC, dtype=torch.int32, device=device)
+    out = torch.empty(batch, budget, dtype=torch.int64, device=device)
+    _kernels().remove_duplicates[(batch,)](
+        similarity.contiguous(), lists, keys, values, out, length, budget, step_count(length, budget),
+        R_BLOCK=r_block, A_BLOCK=a_block, CHUNK=max(8, min(64, 8192 // a_block)), num_warps=4,
+    )
+    return out
+
+
+def greedy_max_min(similarity: torch.Tensor, first: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, N) keep mask of DivPrune's greedy max-min from ``first`` (B,) on ``similarity`` (B, N, N)
+    float32 with a -inf diagonal: what the eager loop of :mod:`.divprune` returns."""
+    batch, tokens, _ = similarity.shape
+    keep = torch.zeros(batch, tokens, dtype=torch.bool, device=similarity.device)
+    _kernels().greedy_max_min[(batch,)](similarity.contiguous(), first.contiguous(), keep, tokens, count,
+                     N_BLOCK=_block(tokens), num_warps=4)
+    return keep
