@@ -34,6 +34,11 @@ MAX_RESIDUAL = 1024
 MAX_TOKENS = 4096
 #: CUDA's SmallBitonicSort sorts up to this many values in one 32-slot network.
 BITONIC = 32
+#: Launch settings: one program per image, with at least as many threads as rows of A where it
+#: can (None: that many warps, 4 to 16); no software pipelining (the loops read what the same
+#: program wrote a step earlier).
+NUM_WARPS: int | None = None
+NUM_STAGES = 1
 #: The published step size (tokens dropped per step), as in :mod:`.vispruner`.
 STEP = 8
 
@@ -88,10 +93,12 @@ def remove_duplicates(similarity: torch.Tensor, budget: int) -> torch.Tensor:
     lists = torch.empty(batch, 2, r_block, dtype=torch.int32, device=device)
     keys = torch.empty(batch, a_block, dtype=torch.float32, device=device)
     values = torch.empty(batch, BITONIC, dtype=torch.int32, device=device)
+    ranks = torch.empty(batch, a_block, dtype=torch.int32, device=device)
     out = torch.empty(batch, budget, dtype=torch.int64, device=device)
     _kernels().remove_duplicates[(batch,)](
-        similarity.contiguous(), lists, keys, values, out, length, budget, step_count(length, budget),
-        R_BLOCK=r_block, A_BLOCK=a_block, CHUNK=max(8, min(64, 8192 // a_block)), num_warps=4,
+        similarity.contiguous(), lists, keys, values, ranks, out, length, budget, step_count(length, budget),
+        R_BLOCK=r_block, A_BLOCK=a_block, CHUNK=max(8, min(64, 8192 // a_block)),
+        num_warps=NUM_WARPS or min(16, max(4, a_block // 32)), num_stages=NUM_STAGES,
     )
     return out
 
@@ -102,5 +109,5 @@ def greedy_max_min(similarity: torch.Tensor, first: torch.Tensor, count: int) ->
     batch, tokens, _ = similarity.shape
     keep = torch.zeros(batch, tokens, dtype=torch.bool, device=similarity.device)
     _kernels().greedy_max_min[(batch,)](similarity.contiguous(), first.contiguous(), keep, tokens, count,
-                     N_BLOCK=_block(tokens), num_warps=4)
+                     N_BLOCK=_block(tokens), num_warps=NUM_WARPS or 4, num_stages=NUM_STAGES)
     return keep

@@ -35,6 +35,7 @@ def remove_duplicates(
     lists,  # (B, 2, R_BLOCK) int32 scratch: the list, double-buffered
     keys,  # (B, A_BLOCK) float32 scratch: closeness, then the bitonic keys
     values,  # (B, 32) int32 scratch: the bitonic values (-1: empty slot)
+    ranks,  # (B, A_BLOCK) int32 scratch: the stable order's ranks
     out,  # (B, budget) int64: rows of the survivors, in list order
     length,
     budget,
@@ -48,6 +49,7 @@ def remove_duplicates(
     lists += image * 2 * R_BLOCK
     keys += image * A_BLOCK
     values += image * 32
+    ranks += image * A_BLOCK
     out += image * budget
 
     every = tl.arange(0, R_BLOCK)
@@ -92,6 +94,11 @@ def remove_duplicates(
                 )
                 before = before & (others < count_a)[None, :]
                 rank += tl.sum(before.to(tl.int32), axis=1)
+            # Through memory before it becomes an address: Triton's analysis takes the loop's
+            # initial zeros for equal ranks and merges the stores of a thread's neighbouring rows.
+            tl.store(ranks + rows, rank, mask=in_a)
+            tl.debug_barrier()
+            rank = tl.load(ranks + rows, mask=in_a, other=0)
             tl.store(target + rank - drop, side_a, mask=in_a & (rank >= drop))
         else:
             tl.store(values + slots, tl.where(slots < count_a, slots, -1))
