@@ -34,9 +34,11 @@ MAX_RESIDUAL = 1024
 MAX_TOKENS = 4096
 #: CUDA's SmallBitonicSort sorts up to this many values in one 32-slot network.
 BITONIC = 32
-#: Launch settings: one program per image, with at least as many threads as rows of A where it
-#: can (None: that many warps, 4 to 16); no software pipelining (the loops read what the same
-#: program wrote a step earlier).
+#: Launch settings: one program per image, with at least as many threads as rows of A (None:
+#: that many warps, 4 to 16; MAX_RESIDUAL keeps A within 512 rows). With fewer, so that a thread
+#: held two rows, the compiled kernel (Triton 3.6, H200) returned wrong lists, which Triton's
+#: interpreter does not: measured, not understood. No software pipelining (the loops read what
+#: the same program wrote a step earlier).
 NUM_WARPS: int | None = None
 NUM_STAGES = 1
 #: The published step size (tokens dropped per step), as in :mod:`.vispruner`.
@@ -97,7 +99,7 @@ def remove_duplicates(similarity: torch.Tensor, budget: int) -> torch.Tensor:
     out = torch.empty(batch, budget, dtype=torch.int64, device=device)
     _kernels().remove_duplicates[(batch,)](
         similarity.contiguous(), lists, keys, values, ranks, out, length, budget, step_count(length, budget),
-        R_BLOCK=r_block, A_BLOCK=a_block, CHUNK=max(8, min(64, 8192 // a_block)),
+        R_BLOCK=r_block, A_BLOCK=a_block, CHUNK=max(16, min(128, 32768 // a_block)),
         num_warps=NUM_WARPS or min(16, max(4, a_block // 32)), num_stages=NUM_STAGES,
     )
     return out
