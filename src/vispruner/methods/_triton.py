@@ -99,7 +99,7 @@ def remove_duplicates(similarity: torch.Tensor, budget: int) -> torch.Tensor:
     out = torch.empty(batch, budget, dtype=torch.int64, device=device)
     _kernels().remove_duplicates[(batch,)](
         similarity.contiguous(), lists, keys, values, ranks, out, length, budget, step_count(length, budget),
-        R_BLOCK=r_block, A_BLOCK=a_block, CHUNK=max(16, min(128, 32768 // a_block)),
+        R_BLOCK=r_block, A_BLOCK=a_block, CHUNK=max(8, min(64, 8192 // a_block)),
         num_warps=NUM_WARPS or min(16, max(4, a_block // 32)), num_stages=NUM_STAGES,
     )
     return out
