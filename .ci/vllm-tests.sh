@@ -28,5 +28,7 @@ cp tests/vllm/tv_cpu_fix.py "$site/_vispruner_tv_cpu_fix.py"
 echo "import _vispruner_tv_cpu_fix" > "$site/_vispruner_tv_cpu_fix.pth"
 echo "vLLM test venv ready in $((SECONDS - start)) s"
 export VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-"$venv/bin/python" -m pytest -q -p no:cacheprovider tests/vllm "$@"
+# tests/methods/test_triton.py too: this venv has Triton (a vLLM dependency), whose interpreter
+# runs the GPU kernels of methods/_triton.py on the CPU.
+"$venv/bin/python" -m pytest -q -p no:cacheprovider tests/vllm tests/methods/test_triton.py "$@"
 echo "vLLM tests done in $((SECONDS - start)) s"

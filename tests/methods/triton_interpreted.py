@@ -12,7 +12,8 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+root = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(root / "src"), str(root)]  # as pytest's pythonpath: this checkout's code
 from tests.methods import cuda_order  # noqa: E402
 from vispruner.methods import _native, _triton  # noqa: E402
 from vispruner.methods.divprune import _greedy_max_min  # noqa: E402
