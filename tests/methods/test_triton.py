@@ -60,6 +60,22 @@ def test_switched_off_by_the_environment(monkeypatch):
     assert not _triton.enabled()
 
 
+def test_a_failing_kernel_warns_once_and_leaves_the_eager_code(monkeypatch):
+    monkeypatch.setattr(_triton, "_failed", [])
+
+    def broken() -> None:
+        raise RuntimeError("no kernel image for this GPU")
+
+    with pytest.warns(RuntimeWarning, match="no kernel image for this GPU"):
+        assert not _triton._launch("remove_duplicates", broken)
+    assert _triton._failed == ["remove_duplicates"]
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(_triton, "enabled", lambda: True)
+    assert not _triton.usable(torch.zeros(3), 3, _triton.MAX_RESIDUAL)
+    monkeypatch.setattr(_triton, "_failed", [])
+    assert _triton.usable(torch.zeros(3), 3, _triton.MAX_RESIDUAL) == (torch.version.hip is None)
+
+
 def without_triton(function, *args):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VISPRUNER_TRITON", "0")

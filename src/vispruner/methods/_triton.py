@@ -16,14 +16,17 @@ elements, so the masks are the same:
 * DivPrune takes ``argmin`` (first index among ties, as torch documents) of the nearest-chosen
   similarities with chosen tokens masked to +inf, and keeps a running maximum.
 
-:func:`usable` says whether the kernels apply (a CUDA tensor, Triton importable, lengths the kernel
-is sized for, ``VISPRUNER_TRITON`` not ``0``); elsewhere the eager code runs, with the same masks.
+:func:`usable` says whether the kernels apply (an NVIDIA CUDA tensor, Triton importable, lengths the
+kernel is sized for, ``VISPRUNER_TRITON`` not ``0``, no kernel failed before in this process);
+elsewhere the eager code runs, with the same masks.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import warnings
+from typing import Callable
 
 import torch
 
@@ -68,8 +71,31 @@ def _importable() -> bool:
 
 
 def usable(tensor: torch.Tensor, length: int, limit: int) -> bool:
-    """Whether a kernel runs for ``tensor``'s device and a list of ``length`` (at most ``limit``)."""
-    return tensor.device.type == "cuda" and length <= limit and enabled()
+    """Whether a kernel runs for ``tensor``'s device and a list of ``length`` (at most ``limit``):
+    NVIDIA CUDA only (the tie order replayed is CUDA's sort's), and no kernel failed before."""
+    cuda = tensor.device.type == "cuda" and torch.version.hip is None
+    return cuda and length <= limit and not _failed and enabled()
+
+
+#: Set when a kernel failed to compile or launch (an old GPU, a Triton too old or too new):
+#: the eager code runs from then on in this process, after one warning.
+_failed: list[str] = []
+
+
+def _launch(name: str, launch: Callable[[], None]) -> bool:
+    """Run ``launch``; False (and eager code from then on, with a warning) if it raises."""
+    try:
+        launch()
+    except Exception as error:  # noqa: BLE001 - any failure falls back to the same eager steps
+        _failed.append(name)
+        warnings.warn(
+            f"vispruner: the Triton kernel {name} failed ({type(error).__name__}: {error}); the selection "
+            "loops run as tensor ops from now on (same masks, more kernel launches)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
 
 
 def _block(size: int) -> int:
@@ -85,9 +111,10 @@ def step_count(length: int, budget: int) -> int:
     return steps
 
 
-def remove_duplicates(similarity: torch.Tensor, budget: int) -> torch.Tensor:
+def remove_duplicates(similarity: torch.Tensor, budget: int) -> torch.Tensor | None:
     """(B, budget) int64 rows of ``similarity`` (B, R, R) float32 that survive duplicate removal,
-    in list order: what :func:`.vispruner._remove_duplicates_dense` returns, for 0 < budget < R."""
+    in list order: what :func:`.vispruner._remove_duplicates_dense` returns, for 0 < budget < R;
+    None if the kernel failed (see :func:`_launch`)."""
     batch, length, _ = similarity.shape
     r_block = _block(length)
     a_block = max(BITONIC, _block((length + 1) // 2))
@@ -97,19 +124,22 @@ def remove_duplicates(similarity: torch.Tensor, budget: int) -> torch.Tensor:
     values = torch.empty(batch, BITONIC, dtype=torch.int32, device=device)
     ranks = torch.empty(batch, a_block, dtype=torch.int32, device=device)
     out = torch.empty(batch, budget, dtype=torch.int64, device=device)
-    _kernels().remove_duplicates[(batch,)](
+    launched = _launch("remove_duplicates", lambda: _kernels().remove_duplicates[(batch,)](
         similarity.contiguous(), lists, keys, values, ranks, out, length, budget, step_count(length, budget),
         R_BLOCK=r_block, A_BLOCK=a_block, CHUNK=max(8, min(64, 8192 // a_block)),
         num_warps=NUM_WARPS or min(16, max(4, a_block // 32)), num_stages=NUM_STAGES,
-    )
-    return out
+    ))
+    return out if launched else None
 
 
-def greedy_max_min(similarity: torch.Tensor, first: torch.Tensor, count: int) -> torch.Tensor:
+def greedy_max_min(similarity: torch.Tensor, first: torch.Tensor, count: int) -> torch.Tensor | None:
     """(B, N) keep mask of DivPrune's greedy max-min from ``first`` (B,) on ``similarity`` (B, N, N)
-    float32 with a -inf diagonal: what the eager loop of :mod:`.divprune` returns."""
+    float32 with a -inf diagonal: what the eager loop of :mod:`.divprune` returns; None if the
+    kernel failed (see :func:`_launch`)."""
     batch, tokens, _ = similarity.shape
     keep = torch.zeros(batch, tokens, dtype=torch.bool, device=similarity.device)
-    _kernels().greedy_max_min[(batch,)](similarity.contiguous(), first.contiguous(), keep, tokens, count,
-                     N_BLOCK=_block(tokens), num_warps=NUM_WARPS or 4, num_stages=NUM_STAGES)
-    return keep
+    launched = _launch("greedy_max_min", lambda: _kernels().greedy_max_min[(batch,)](
+        similarity.contiguous(), first.contiguous(), keep, tokens, count,
+        N_BLOCK=_block(tokens), num_warps=NUM_WARPS or 4, num_stages=NUM_STAGES,
+    ))
+    return keep if launched else None

@@ -60,7 +60,9 @@ def _greedy_max_min(features: torch.Tensor, num_keep: int) -> tuple[torch.Tensor
         return (_native.greedy_max_min(native, similarity, first, num_keep),)
     if _triton.usable(similarity, tokens, _triton.MAX_TOKENS):
         # On a GPU, the whole loop in one kernel launch: the same comparisons again.
-        return (_triton.greedy_max_min(similarity, first, num_keep),)
+        keep = _triton.greedy_max_min(similarity, first, num_keep)
+        if keep is not None:
+            return (keep,)
     rows = torch.arange(batch, device=features.device)
     keep = torch.zeros(batch, tokens, dtype=torch.bool, device=features.device)
     keep.scatter_(1, first.unsqueeze(1), True)  # scatter, not index_put: nothing from the host

@@ -143,7 +143,9 @@ def _remove_duplicates(features: torch.Tensor, residual: torch.Tensor, budget: i
         similarity = residual_similarity(features, residual)
         if _triton.usable(similarity, length, _triton.MAX_RESIDUAL):
             # The whole loop in one kernel launch: the same steps on the same similarity.
-            return torch.gather(residual, 1, _triton.remove_duplicates(similarity, budget))
+            survivors = _triton.remove_duplicates(similarity, budget)
+            if survivors is not None:
+                return torch.gather(residual, 1, survivors)
         return _remove_duplicates_dense(similarity, residual, budget)
     native = _native.library()
     if native is not None:
