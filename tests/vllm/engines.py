@@ -255,11 +255,12 @@ def dump(results: list[Result]) -> str:
 GEMMA_TOKENS = 16
 
 
-def save_tiny_gemma3(path: Path, seed: int = 0, sliding_window: int = 16) -> Path:
+def save_tiny_gemma3(path: Path, seed: int = 1, sliding_window: int = 16) -> Path:
     """A random tiny Gemma 3 (SigLIP tower, 16 pooled tokens per image; a sliding-window and a global
     layer with head size 32, which vLLM's CPU attention supports) with a word-level tokenizer that
     has Gemma 3's image markers and the newline tokens vLLM's Gemma 3 processor looks up, saved as
-    vLLM and transformers load it."""
+    vLLM and transformers load it. Its output head is its own: with the (scaled) input embeddings
+    tied to it, the tiny model only repeats the prompt's last token."""
     from tokenizers import AddedToken
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, Gemma3TextConfig, SiglipVisionConfig
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
@@ -278,8 +279,9 @@ def save_tiny_gemma3(path: Path, seed: int = 0, sliding_window: int = 16) -> Pat
             num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, sliding_window=sliding_window,
             layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            initializer_range=0.2,
+            initializer_range=0.2, tie_word_embeddings=False,
         ),
+        tie_word_embeddings=False,
         mm_tokens_per_image=GEMMA_TOKENS, boi_token_index=ids[BOI], eoi_token_index=ids[EOI], image_token_index=ids[SOFT],
         pad_token_id=tokenizer.pad_token_id,
     )
