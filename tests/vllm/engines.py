@@ -261,13 +261,16 @@ def save_tiny_gemma3(path: Path, seed: int = 1, sliding_window: int = 16) -> Pat
     has Gemma 3's image markers and the newline tokens vLLM's Gemma 3 processor looks up, saved as
     vLLM and transformers load it. Its output head is its own: with the (scaled) input embeddings
     tied to it, the tiny model only repeats the prompt's last token."""
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken, pre_tokenizers
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, Gemma3TextConfig, SiglipVisionConfig
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
     from tests.tiny_models import BOI, EOI, SIGLIP_VOCAB, SOFT
 
-    tokenizer = tiny_tokenizer(SIGLIP_VOCAB, image_token=SOFT, boi_token=BOI, eoi_token=EOI)
+    tokenizer = tiny_tokenizer([*SIGLIP_VOCAB, " "], image_token=SOFT, boi_token=BOI, eoi_token=EOI)
+    # Spaces are tokens, as in Gemma's own tokenizer: pan-and-scan's "<eoi>\n\n \n\n<boi>" keeps
+    # its space, where vLLM would otherwise merge the two newline tokens into one.
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="isolated")
     tokenizer.add_tokens([AddedToken("\n" * n, normalized=False) for n in range(1, 5)])
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in (BOI, EOI, SOFT)}
     config = Gemma3Config(

@@ -1,7 +1,7 @@
 """The plugin on a tiny random Gemma 3 against the library's transformers path: greedy tokens,
 log-probs within 1e-4, prompt lengths (text + K per image, begin and end markers kept), kept
 indices and the image blocks that attend bidirectionally, for every vision-stage method, batched
-requests with one to three images of different sizes.
+requests with one to three images of different sizes, pan-and-scan crops, chunked prefill.
 
 vLLM 0.32's CPU attention has no bidirectional image blocks (no ``mm_prefix`` support): on CPU
 vLLM runs Gemma 3's image tokens causally, pruned or not. The tokens and log-probs are therefore
@@ -47,13 +47,14 @@ def reference(tiny):
 
 class CausalImages:
     """The processor without ``token_type_ids``: transformers then masks Gemma 3's image tokens
-    causally, as vLLM's CPU attention does."""
+    causally, as vLLM's CPU attention does. ``kwargs`` go to every call (pan-and-scan's options)."""
 
-    def __init__(self, processor):
+    def __init__(self, processor, **kwargs):
         self.processor = processor
+        self.kwargs = kwargs
 
     def __call__(self, **kwargs):
-        inputs = self.processor(**kwargs)
+        inputs = self.processor(**kwargs, **self.kwargs)
         del inputs["token_type_ids"]
         return inputs
 
@@ -70,12 +71,12 @@ def gemma_requests() -> list[Request]:
     ]
 
 
-def library_blocks(model, processor, request: Request, options: dict) -> list[tuple[int, int]]:
+def library_blocks(model, processor, request: Request, options: dict, **kwargs) -> list[tuple[int, int]]:
     """The image blocks (first, last token, inclusive) of the library's pruned prompt: the runs of
     its compacted ``token_type_ids``, which its mask makes bidirectional."""
     vispruner.apply(model, **options)
     try:
-        inputs = processor(images=request.images, text=[request.prompt], return_tensors="pt")
+        inputs = processor(images=request.images, text=[request.prompt], return_tensors="pt", **kwargs)
         with torch.no_grad():
             model(**inputs)
         kept = vars(model)["_vispruner"].last_tokens[0]
@@ -133,8 +134,9 @@ def test_cpu_attention_runs_images_causally(tiny, reference):
         assert_same(got, library_results(model, processor, requests, None))
 
 
-#: Each engine start costs 10-30 s here: CI runs VisPruner at every K and the methods with their
-#: own signals (keys and merged features, projected tokens, the grid) at K=6; `-m slow` runs the rest.
+#: As for the other families (an engine start and check costs 3-4 s with this tiny model): CI runs
+#: VisPruner at every K and the methods with their own signals (keys and merged features, projected
+#: tokens, the grid) at K=6; `-m slow` runs the rest.
 CI_CASES = {("vispruner", 12), ("vispruner", 6), ("vispruner", 2), ("visionzip", 6), ("divprune", 6), ("pooling", 6)}
 CASES = [
     pytest.param(method, k, marks=() if (method, k) in CI_CASES else pytest.mark.slow)
@@ -143,48 +145,68 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("method", "num_tokens"), CASES)
-def test_method_matches_library(tiny, reference, monkeypatch, method, num_tokens):
+def check_against_library(tiny, reference, monkeypatch, options, requests, crops, processing=None):
+    """vLLM with the override against the library's path (``processing``: the processor's options,
+    also given to vLLM): tokens, log-probs, kept indices per tower input, prompt lengths (``crops``:
+    per request, its tower inputs) and the bidirectional ranges."""
     model, processor = reference
-    options = {"method": method, "num_tokens": num_tokens}
-    requests = gemma_requests()
-    want = library_results(model, CausalImages(processor), requests, options)
-    with bidirectional_ranges(monkeypatch) as steps, engine(tiny, vispruner_options=options) as llm:
+    processing = processing or {}
+    want = library_results(model, CausalImages(processor, **processing), requests, options)
+    engine_options = {"mm_processor_kwargs": processing} if processing else {}
+    with bidirectional_ranges(monkeypatch) as steps, engine(tiny, vispruner_options=options, **engine_options) as llm:
         (calls,) = llm.apply_model(record_selections)
         got = vllm_results(llm, requests)
     assert_same(got, want)
-    chosen = [[row.tolist() for row in selection.indices] for selection in calls]
-    assert chosen == [crop for result in want for crop in result.kept]
-    for request, result in zip(requests, want):
-        unpruned = len(processor(images=request.images, text=[request.prompt])["input_ids"][0])
-        assert result.prompt_length == unpruned - (GEMMA_TOKENS - num_tokens) * len(request.images)
-    # The four prompts prefill in one step: each one's bidirectional ranges are its K kept image
-    # tokens, the library's image blocks.
-    blocks = sorted(library_blocks(model, processor, request, options) for request in requests)
+    assert [[row.tolist() for row in selection.indices] for selection in calls] == [
+        crop for result in want for crop in result.kept
+    ]
+    kept = options["num_tokens"]
+    for request, result, count in zip(requests, want, crops):
+        unpruned = len(processor(images=request.images, text=[request.prompt], **processing)["input_ids"][0])
+        assert result.prompt_length == unpruned - (GEMMA_TOKENS - kept) * count
+    # The prompts prefill in one step: each one's bidirectional ranges are its tower inputs' K kept
+    # image tokens, the library's image blocks.
+    blocks = sorted(library_blocks(model, processor, request, options, **processing) for request in requests)
     assert sorted(steps[0].values()) == blocks
-    assert all(last - first + 1 == num_tokens for ranges in blocks for first, last in ranges)
+    assert sum(len(ranges) for ranges in blocks) == sum(crops)
+    assert all(last - first + 1 == kept for ranges in blocks for first, last in ranges)
 
 
-def test_chunked_prefill_position_control_and_refusals(tiny, reference):
-    import numpy as np
-    from PIL import Image
-    from vllm import SamplingParams
+@pytest.mark.parametrize(("method", "num_tokens"), CASES)
+def test_method_matches_library(tiny, reference, monkeypatch, method, num_tokens):
+    requests = gemma_requests()
+    crops = [len(request.images) for request in requests]
+    check_against_library(tiny, reference, monkeypatch, {"method": method, "num_tokens": num_tokens}, requests, crops)
 
+
+@pytest.mark.parametrize("method", ["vispruner", "visionzip"])
+def test_pan_and_scan_matches_library(tiny, reference, monkeypatch, method):
+    # Crops of 32 px and more: the 40 x 100 image gets 3 crops, the 100 x 50 one 2, the square none.
+    # Each tower input (image or crop) keeps K tokens between its own markers.
+    images = random_images([(40, 100), (64, 64), (100, 50)], seed=4)
+    requests = [Request("w5 <boi> w6", images[:1]), Request("w7 w8 <boi> w9 <boi> w10", images[1:])]
+    processing = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 32}
+    options = {"method": method, "num_tokens": 6}
+    check_against_library(tiny, reference, monkeypatch, options, requests, [1 + 3, 1 + (1 + 2)], processing)
+
+
+def test_chunked_prefill_exact_and_position_control(tiny, reference):
     model, processor = reference
     options = {"method": "vispruner", "num_tokens": 6}
     requests = gemma_requests()
     want = library_results(model, CausalImages(processor), requests, options)
-    # The library's kept tokens at their unpruned positions: tokens may agree, log-probs do not.
+    # Negative control: the library's kept tokens at their unpruned positions. The tokens may agree;
+    # the log-probs do not, and the check fails.
     moved = library_results(model, CausalImages(processor), requests, {**options, "positions": "original"})
     # vLLM raises a prefix-LM model's batch to hold a whole image: the chunks cut the prompts' text.
     with engine(tiny, vispruner_options=options, enable_chunked_prefill=True, max_num_batched_tokens=8) as llm:
         got = vllm_results(llm, requests)
-        wide = Image.fromarray(np.zeros((300, 700, 3), dtype=np.uint8))
-        pan_and_scan = {"prompt": "w5 <boi> w6", "multi_modal_data": {"image": wide}, "mm_processor_kwargs": {"do_pan_and_scan": True}}
-        with pytest.raises(ValueError, match="prunes Gemma 3 images without pan-and-scan crops"):
-            llm.generate(pan_and_scan, SamplingParams(max_tokens=1), use_tqdm=False)
-        # The engine still serves after refusing.
-        assert_same(vllm_results(llm, requests[:1]), want[:1])
     assert_same(got, want)
     with pytest.raises(AssertionError):
         assert_same(got, moved)
+
+
+def test_original_positions_refused_at_start(tiny):
+    with pytest.raises(Exception, match="positions='original' is not supported in vLLM for Gemma 3 images"):
+        with engine(tiny, vispruner_options={"num_tokens": 6, "positions": "original"}):
+            pass

@@ -5,8 +5,9 @@ over to vLLM's own; with it, each image keeps K of its pooled tokens, chosen as 
 transformers path (:mod:`vispruner.adapters.gemma3`) chooses them:
 
 * Prompt side: the processing info builds each image's replacement (``\\n\\n<boi>``, the image
-  tokens, ``<eoi>\\n\\n``) with K image tokens instead of ``mm_tokens_per_image``: text + K per
-  image, the begin and end markers kept, as the library keeps them. The language model numbers the
+  tokens, ``<eoi>\\n\\n``; with pan-and-scan, the image and then its crops, each so wrapped)
+  with K image tokens per tower input instead of ``mm_tokens_per_image``: text + K per image (and
+  crop), the begin and end markers kept, as the library keeps them. The language model numbers the
   prompt 0, 1, 2, ..., the library's default ``positions="compacted"``.
 * Bidirectional image attention: vLLM derives the ranges its attention makes bidirectional from
   each image's placeholder (its embedding tokens), so they cover the K kept tokens, the block the
@@ -19,6 +20,7 @@ transformers path (:mod:`vispruner.adapters.gemma3`) chooses them:
 
 from __future__ import annotations
 
+from itertools import groupby
 from types import SimpleNamespace
 from typing import Any
 
@@ -41,12 +43,6 @@ from .layout import llava_layout
 from .models import RefuseEmbeddings, refuse_compiled_tower
 from .settings import settings_for
 
-PAN_AND_SCAN_REFUSED = (
-    "vispruner's vLLM plugin prunes Gemma 3 images without pan-and-scan crops (do_pan_and_scan=False, the "
-    "processor's default): vLLM's prompt for the crops has not been checked against the library's. Serve without "
-    "do_pan_and_scan, or without the vispruner override"
-)
-
 
 def _kept(hf_config: Any, settings: Settings) -> int:
     """Image tokens each crop keeps: of its tokens_per_side x tokens_per_side pooled tokens."""
@@ -54,13 +50,8 @@ def _kept(hf_config: Any, settings: Settings) -> int:
 
 
 class PrunableGemma3Info(Gemma3ProcessingInfo):
-    """Each image's prompt holds K image tokens between its begin and end markers."""
-
-    def get_num_crops(self, **kwargs: Any) -> int:
-        crops = super().get_num_crops(**kwargs)
-        if crops and settings_for(self.get_hf_config()) is not None:
-            raise ValueError(PAN_AND_SCAN_REFUSED)
-        return crops
+    """Each tower input (the image, and its pan-and-scan crops) has K image tokens between its
+    begin and end markers."""
 
     def get_image_repl(self, **kwargs: Any) -> PromptUpdateDetails:
         details = super().get_image_repl(**kwargs)
@@ -69,16 +60,18 @@ class PrunableGemma3Info(Gemma3ProcessingInfo):
         if settings is None:
             return details
         image, kept = config.image_token_index, _kept(config, settings)
-        ids = details.full
-        # The first K of the image's run of image tokens: one token is as good as another, the rows
-        # embed_multimodal returns fill them in order.
-        run = [index for index, token in enumerate(ids) if token == image]
-        if len(run) != config.mm_tokens_per_image or run[-1] - run[0] + 1 != len(run):
-            raise RuntimeError(
-                f"vispruner expected one run of {config.mm_tokens_per_image} image tokens in vLLM's Gemma 3 image "
-                f"prompt; got {len(run)}"
-            )
-        return PromptUpdateDetails.select_token_id(ids[: run[0] + kept] + ids[run[-1] + 1 :], image)
+        ids: list[int] = []
+        for is_image, run in groupby(details.full, key=lambda token: token == image):
+            run = list(run)
+            if is_image and len(run) != config.mm_tokens_per_image:
+                raise RuntimeError(
+                    f"vispruner expected runs of {config.mm_tokens_per_image} image tokens in vLLM's Gemma 3 image "
+                    f"prompt; got one of {len(run)}"
+                )
+            # The first K of each run: one image token is as good as another, the rows
+            # embed_multimodal returns fill them in order.
+            ids.extend(run[:kept] if is_image else run)
+        return PromptUpdateDetails.select_token_id(ids, image)
 
     def get_num_image_tokens(self, **kwargs: Any) -> int:
         full = super().get_num_image_tokens(**kwargs)
