@@ -145,10 +145,10 @@ CASES = [
 ]
 
 
-def check_against_library(tiny, reference, monkeypatch, options, requests, crops, processing=None):
+def check_against_library(tiny, reference, monkeypatch, options, requests, crops, kept, processing=None):
     """vLLM with the override against the library's path (``processing``: the processor's options,
     also given to vLLM): tokens, log-probs, kept indices per tower input, prompt lengths (``crops``:
-    per request, its tower inputs) and the bidirectional ranges."""
+    per request, its tower inputs; ``kept``: tokens each keeps) and the bidirectional ranges."""
     model, processor = reference
     processing = processing or {}
     want = library_results(model, CausalImages(processor, **processing), requests, options)
@@ -160,7 +160,6 @@ def check_against_library(tiny, reference, monkeypatch, options, requests, crops
     assert [[row.tolist() for row in selection.indices] for selection in calls] == [
         crop for result in want for crop in result.kept
     ]
-    kept = options["num_tokens"]
     for request, result, count in zip(requests, want, crops):
         unpruned = len(processor(images=request.images, text=[request.prompt], **processing)["input_ids"][0])
         assert result.prompt_length == unpruned - (GEMMA_TOKENS - kept) * count
@@ -176,7 +175,18 @@ def check_against_library(tiny, reference, monkeypatch, options, requests, crops
 def test_method_matches_library(tiny, reference, monkeypatch, method, num_tokens):
     requests = gemma_requests()
     crops = [len(request.images) for request in requests]
-    check_against_library(tiny, reference, monkeypatch, {"method": method, "num_tokens": num_tokens}, requests, crops)
+    options = {"method": method, "num_tokens": num_tokens}
+    check_against_library(tiny, reference, monkeypatch, options, requests, crops, num_tokens)
+
+
+@pytest.mark.parametrize(
+    ("options", "kept"),
+    [({"method": "vispruner", "keep_ratio": 0.3}, 5), ({"method": "pooling", "num_tokens": 6, "budget": "per_image"}, 6)],
+)
+def test_keep_ratio_and_per_image_budget(tiny, reference, monkeypatch, options, kept):
+    # keep_ratio rounds 0.3 x 16 half up; a Gemma 3 image is one tower input, so per image is per crop.
+    requests = gemma_requests()
+    check_against_library(tiny, reference, monkeypatch, options, requests, [len(r.images) for r in requests], kept)
 
 
 @pytest.mark.parametrize("method", ["vispruner", "visionzip"])
@@ -187,7 +197,7 @@ def test_pan_and_scan_matches_library(tiny, reference, monkeypatch, method):
     requests = [Request("w5 <boi> w6", images[:1]), Request("w7 w8 <boi> w9 <boi> w10", images[1:])]
     processing = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 32}
     options = {"method": method, "num_tokens": 6}
-    check_against_library(tiny, reference, monkeypatch, options, requests, [1 + 3, 1 + (1 + 2)], processing)
+    check_against_library(tiny, reference, monkeypatch, options, requests, [1 + 3, 1 + (1 + 2)], 6, processing)
 
 
 def test_chunked_prefill_exact_and_position_control(tiny, reference):
