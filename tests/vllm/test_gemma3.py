@@ -217,6 +217,17 @@ def test_chunked_prefill_exact_and_position_control(tiny, reference):
 
 
 def test_original_positions_refused_at_start(tiny):
-    with pytest.raises(Exception, match="positions='original' is not supported in vLLM for Gemma 3 images"):
-        with engine(tiny, vispruner_options={"num_tokens": 6, "positions": "original"}):
-            pass
+    refused = pytest.raises(Exception, match="positions='original' is not supported in vLLM for Gemma 3 images")
+    with refused, engine(tiny, vispruner_options={"num_tokens": 6, "positions": "original"}):
+        pass
+
+
+def test_layout_check_names_what_is_missing():
+    # A pruning engine checks at start-up that vLLM's tower and projector have what the hooks read.
+    from types import SimpleNamespace
+
+    from vispruner.vllm.gemma3 import PrunableGemma3ForConditionalGeneration
+
+    model = SimpleNamespace(_vispruner_attention=SimpleNamespace(), multi_modal_projector=SimpleNamespace())
+    with pytest.raises(RuntimeError, match=r"as laid out in vLLM 0\.32\.0; this vLLM lacks: the tower's last self_attn\.qkv_proj"):
+        PrunableGemma3ForConditionalGeneration._vispruner_check_layout(model)

@@ -39,6 +39,7 @@ from ..adapters.attention_received import mean_attention_received
 from ..adapters.gemma3 import FAMILY, GemmaTap
 from ..adapters.siglip import ReceivedAttentionCapture
 from ..adapters.vision_stage import ImageSelection, Item, Settings, select_tokens
+from . import runner
 from .layout import llava_layout
 from .models import RefuseEmbeddings, refuse_compiled_tower
 from .settings import settings_for
@@ -144,6 +145,27 @@ class PrunableGemma3ForConditionalGeneration(Gemma3ForConditionalGeneration):
         self.vispruner_last: list[ImageSelection] | None = None
         if self.vispruner_settings is not None:
             refuse_compiled_tower(vllm_config)
+            # The layer whose received attention is the signal: the tower's last (its output, normed, is the feature).
+            self._vispruner_attention = self.vision_tower.vision_model.encoder.layers[-1].self_attn
+            self._vispruner_check_layout()
+
+    def _vispruner_check_layout(self) -> None:
+        """``RuntimeError`` unless vLLM's modules have what the hooks and the library's tap read."""
+        expected = {
+            "the tower's last self_attn": (
+                self._vispruner_attention, ("qkv_proj", "num_heads", "num_heads_per_partition", "head_dim", "scale", "tp_size")
+            ),
+            "multi_modal_projector": (
+                self.multi_modal_projector,
+                ("avg_pool", "mm_soft_emb_norm", "mm_input_projection_weight", "patches_per_image", "tokens_per_side"),
+            ),
+        }
+        missing = [f"{where}.{name}" for where, (module, names) in expected.items() for name in names if not hasattr(module, name)]
+        if missing:
+            raise RuntimeError(
+                f"vispruner's vLLM plugin reads Gemma 3's tower and projector as laid out in vLLM {runner.TESTED}; this "
+                f"vLLM lacks: {', '.join(missing)}"
+            )
 
     def embed_multimodal(self, **kwargs: object) -> Any:
         settings = self.vispruner_settings
@@ -157,7 +179,7 @@ class PrunableGemma3ForConditionalGeneration(Gemma3ForConditionalGeneration):
         # One budget unit per tower input, as the library's GemmaVision.items gives them.
         items = [Item(1, (side, side))] * sum(crops)
         needs = settings.method.needs
-        attention = self.vision_tower.vision_model.encoder.layers[-1].self_attn if needs & {"attention", "keys"} else None
+        attention = self._vispruner_attention if needs & {"attention", "keys"} else None
         tap = VllmGemmaTap(self, attention, "keys" in needs)
         chosen: dict[str, Any] = {}
 
