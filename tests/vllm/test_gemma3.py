@@ -200,7 +200,15 @@ def test_pan_and_scan_matches_library(tiny, reference, monkeypatch, method):
     check_against_library(tiny, reference, monkeypatch, options, requests, [1 + 3, 1 + (1 + 2)], 6, processing)
 
 
-def test_chunked_prefill_exact_and_position_control(tiny, reference):
+def cached_tokens(llm, request: Request) -> int:
+    from vllm import SamplingParams
+
+    data = {"image": request.images if len(request.images) > 1 else request.images[0]}
+    (output,) = llm.generate({"prompt": request.prompt, "multi_modal_data": data}, SamplingParams(max_tokens=1), use_tqdm=False)
+    return output.num_cached_tokens
+
+
+def test_chunked_prefill_prefix_caching_and_position_control(tiny, reference):
     model, processor = reference
     options = {"method": "vispruner", "num_tokens": 6}
     requests = gemma_requests()
@@ -209,9 +217,19 @@ def test_chunked_prefill_exact_and_position_control(tiny, reference):
     # the log-probs do not, and the check fails.
     moved = library_results(model, CausalImages(processor), requests, {**options, "positions": "original"})
     # vLLM raises a prefix-LM model's batch to hold a whole image: the chunks cut the prompts' text.
-    with engine(tiny, vispruner_options=options, enable_chunked_prefill=True, max_num_batched_tokens=8) as llm:
+    # The second pass, one request at a time, takes blocks of 16 tokens, images included, from the
+    # prefix cache where vLLM cached them.
+    with engine(
+        tiny, vispruner_options=options, enable_chunked_prefill=True, max_num_batched_tokens=8,
+        enable_prefix_caching=True, block_size=16,
+    ) as llm:
         got = vllm_results(llm, requests)
+        again = [vllm_results(llm, [request])[0] for request in requests]
+        cached = [cached_tokens(llm, request) for request in requests]
     assert_same(got, want)
+    assert_same(again, want)
+    # vLLM decides which blocks it caches (here: 32 tokens of the three-image prompt); some are reused.
+    assert max(cached) >= 16, cached
     with pytest.raises(AssertionError):
         assert_same(got, moved)
 

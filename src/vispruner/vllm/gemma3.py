@@ -40,6 +40,7 @@ from ..adapters.gemma3 import FAMILY, GemmaTap
 from ..adapters.siglip import ReceivedAttentionCapture
 from ..adapters.vision_stage import ImageSelection, Item, Settings, select_tokens
 from . import runner
+from .cls_row import query_and_keys
 from .layout import llava_layout
 from .models import RefuseEmbeddings, refuse_compiled_tower
 from .settings import settings_for
@@ -95,17 +96,16 @@ class QkvReceivedCapture(ReceivedAttentionCapture):
         return self
 
     def _on_qkv(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        qkv = output[0] if isinstance(output, tuple) else output  # vLLM linears return (out, bias)
         attention = self.attention
         local, width = attention.num_heads_per_partition, attention.head_dim
         with torch.no_grad():
-            query, keys, _ = qkv.detach().chunk(3, dim=-1)
+            query, keys = query_and_keys(output)
             crops, length, _ = keys.shape
 
             def heads(values: torch.Tensor) -> torch.Tensor:  # (B, S, h*d) -> (h, B*S, d)
                 return values.reshape(crops * length, local, width).transpose(0, 1)
 
-            segments = torch.arange(0, crops * length + 1, length, device=qkv.device)
+            segments = torch.arange(0, crops * length + 1, length, device=keys.device)
             received = mean_attention_received(heads(query), heads(keys), attention.scale, segments) * local
             per_head = keys.unflatten(-1, (local, width)) if self._keep_keys else None
             if attention.tp_size > 1:
