@@ -174,10 +174,10 @@ class PrunableGemma3ForConditionalGeneration(Gemma3ForConditionalGeneration):
         image_input = self._parse_and_validate_image_input(**kwargs)
         if image_input is None:
             return []
-        crops = image_input["num_patches"].tolist()
+        inputs_per_image = image_input["num_patches"].tolist()  # the image, then its pan-and-scan crops
         side = self.multi_modal_projector.tokens_per_side
         # One budget unit per tower input, as the library's GemmaVision.items gives them.
-        items = [Item(1, (side, side))] * sum(crops)
+        items = [Item(1, (side, side))] * sum(inputs_per_image)
         needs = settings.method.needs
         attention = self._vispruner_attention if needs & {"attention", "keys"} else None
         tap = VllmGemmaTap(self, attention, "keys" in needs)
