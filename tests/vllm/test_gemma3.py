@@ -240,6 +240,13 @@ def test_original_positions_refused_at_start(tiny):
         pass
 
 
+@pytest.mark.parametrize("flag", ["compile_mm_encoder", "cudagraph_mm_encoder"])
+def test_compiled_tower_refused_at_start(tiny, flag):
+    refused = pytest.raises(Exception, match=f"compilation_config.{flag}=True runs the vision tower compiled or as a CUDA graph")
+    with refused, engine(tiny, vispruner_options={"num_tokens": 6}, compilation_config={flag: True}):
+        pass
+
+
 def test_layout_check_names_what_is_missing():
     # A pruning engine checks at start-up that vLLM's tower and projector have what the hooks read.
     from types import SimpleNamespace
