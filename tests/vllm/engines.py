@@ -249,3 +249,53 @@ def assert_same(got: list[Result], want: list[Result], tolerance: float = 1e-4) 
 
 def dump(results: list[Result]) -> str:
     return json.dumps([r.__dict__ for r in results])
+
+
+#: Tiny Gemma 3: 64 px images in 4 px patches (16 x 16), pooled 4 x 4 into 16 tokens per image.
+GEMMA_TOKENS = 16
+
+
+def save_tiny_gemma3(path: Path, seed: int = 1, sliding_window: int = 16) -> Path:
+    """A random tiny Gemma 3 (SigLIP tower, 16 pooled tokens per image; a sliding-window and a global
+    layer with head size 32, which vLLM's CPU attention supports) with a word-level tokenizer that
+    has Gemma 3's image markers and the newline tokens vLLM's Gemma 3 processor looks up, saved as
+    vLLM and transformers load it. Its output head is its own: with the (scaled) input embeddings
+    tied to it, the tiny model only repeats the prompt's last token."""
+    from tokenizers import AddedToken, pre_tokenizers
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, Gemma3TextConfig, SiglipVisionConfig
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    from tests.tiny_models import BOI, EOI, SIGLIP_VOCAB, SOFT
+
+    tokenizer = tiny_tokenizer([*SIGLIP_VOCAB, " "], image_token=SOFT, boi_token=BOI, eoi_token=EOI)
+    # Spaces are tokens, as in Gemma's own tokenizer: pan-and-scan's "<eoi>\n\n \n\n<boi>" keeps
+    # its space, where vLLM would otherwise merge the two newline tokens into one.
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="isolated")
+    tokenizer.add_tokens([AddedToken("\n" * n, normalized=False) for n in range(1, 5)])
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in (BOI, EOI, SOFT)}
+    config = Gemma3Config(
+        vision_config=SiglipVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=64, patch_size=4,
+        ),
+        text_config=Gemma3TextConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, sliding_window=sliding_window,
+            layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            initializer_range=0.2, tie_word_embeddings=False,
+        ),
+        tie_word_embeddings=False,
+        mm_tokens_per_image=GEMMA_TOKENS, boi_token_index=ids[BOI], eoi_token_index=ids[EOI], image_token_index=ids[SOFT],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    # Gemma 3 initialises the projection to zeros (all image tokens equal); random weights make pruning matter.
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.2)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    save_tower_for_vllm(path)
+    images = Gemma3ImageProcessorPil(size={"height": 64, "width": 64})
+    Gemma3Processor(image_processor=images, tokenizer=tokenizer, image_seq_length=GEMMA_TOKENS).save_pretrained(path)
+    return path

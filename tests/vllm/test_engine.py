@@ -32,14 +32,14 @@ def test_fastv_stops_engine():
 
 
 def test_unserved_family_stops_engine(tmp_path):
-    # A Gemma 3 checkpoint (its config is all vLLM reads before the check) with pruning asked is
+    # A Mistral 3 checkpoint (its config is all vLLM reads before the check) with pruning asked is
     # refused, naming the served families.
-    from transformers import Gemma3Config
+    from transformers import Mistral3Config
 
-    config = Gemma3Config()
-    config.architectures = ["Gemma3ForConditionalGeneration"]
+    config = Mistral3Config()
+    config.architectures = ["Mistral3ForConditionalGeneration"]
     config.save_pretrained(tmp_path)
-    with pytest.raises(Exception, match=r"prunes LLaVA-1\.5 .*LLaVA-NeXT .*Qwen2\.5-VL images .*'gemma3'"):
+    with pytest.raises(Exception, match=r"prunes LLaVA-1\.5 .*LLaVA-NeXT .*Qwen2\.5-VL images .*Gemma 3 images .*'mistral3'"):
         with engine(tmp_path, vispruner_options={"num_tokens": 8}):
             pass
 

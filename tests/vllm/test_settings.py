@@ -2,7 +2,7 @@
 vispruner.apply's own, and what vLLM cannot run is refused with the reason."""
 
 import pytest
-from transformers import Gemma3Config, LlavaConfig, Qwen2_5_VLConfig
+from transformers import Gemma3Config, LlavaConfig, Mistral3Config, Qwen2_5_VLConfig
 
 import vispruner
 from vispruner.vllm.settings import settings_for
@@ -71,9 +71,19 @@ def test_original_positions_refused():
 
 
 def test_unserved_family_named():
+    config = Mistral3Config()
+    config.vispruner = {"num_tokens": 8}
+    with pytest.raises(TypeError, match=r"prunes LLaVA-1\.5 \(LlavaForConditionalGeneration\), LLaVA-NeXT .*Qwen2\.5-VL images .*Gemma 3 images .*got a 'mistral3' model"):
+        settings_for(config)
+
+
+def test_gemma3_positions_compacted_only():
+    # vLLM numbers Gemma 3's pruned prompt 0, 1, 2, ... (the library's default for it); original is refused.
     config = Gemma3Config()
     config.vispruner = {"num_tokens": 8}
-    with pytest.raises(TypeError, match=r"prunes LLaVA-1\.5 \(LlavaForConditionalGeneration\), LLaVA-NeXT .*Qwen2\.5-VL images .*got a 'gemma3' model"):
+    assert settings_for(config).positions == "compacted"
+    config.vispruner = {"num_tokens": 8, "positions": "original"}
+    with pytest.raises(ValueError, match=r"positions='original' is not supported in vLLM for Gemma 3 images"):
         settings_for(config)
 
 

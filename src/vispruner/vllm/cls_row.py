@@ -33,11 +33,10 @@ class QkvClsCapture(ClsAttentionCapture):
         self._handle.remove()
 
     def _on_qkv(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        qkv = output[0] if isinstance(output, tuple) else output  # vLLM linears return (out, bias)
         attention = self.attention
         local_heads, width = attention.num_heads_per_partition, attention.head_dim
         with torch.no_grad():
-            query, keys, _ = qkv.detach().chunk(3, dim=-1)
+            query, keys = query_and_keys(output)
             per_head = keys.unflatten(-1, (local_heads, width))  # (B, L, h, d)
             query = query[:, 0].view(-1, local_heads, width)
             # Mean over this rank's heads, weighted by their count, summed over ranks below.
@@ -49,3 +48,10 @@ class QkvClsCapture(ClsAttentionCapture):
                 per_head = tensor_model_parallel_all_gather(per_head.contiguous(), dim=2) if self._keep_keys else None
             self._scores = (scores / attention.num_heads)[:, 1:]
             self._patch_keys = per_head[:, 1:] if self._keep_keys else None
+
+
+def query_and_keys(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (B, L, h * d) query and key projections, detached, out of vLLM's fused ``qkv_proj``."""
+    qkv = output[0] if isinstance(output, tuple) else output  # vLLM linears return (out, bias)
+    query, keys, _ = qkv.detach().chunk(3, dim=-1)
+    return query, keys

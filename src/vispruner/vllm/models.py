@@ -88,6 +88,17 @@ class RefuseEmbeddings:
         return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
 
 
+def refuse_compiled_tower(vllm_config: Any) -> None:
+    """A tower run compiled or as a CUDA graph would run past the plugin's hooks: refused at start-up."""
+    compilation = vllm_config.compilation_config
+    for name in ("compile_mm_encoder", "cudagraph_mm_encoder"):
+        if getattr(compilation, name, False):
+            raise ValueError(
+                f"compilation_config.{name}=True runs the vision tower compiled or as a CUDA graph, past the hooks "
+                "that read its attention; leave it off when pruning with vispruner"
+            )
+
+
 class PrunableLlavaProcessor(RefuseEmbeddings, LlavaMultiModalProcessor):
     pass
 

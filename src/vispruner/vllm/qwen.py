@@ -44,7 +44,7 @@ from vllm.multimodal.video_prune.evs import compute_mrope_for_media
 from ..adapters.vision_stage import ImageSelection, Item, select_tokens
 from . import runner
 from .layout import Layout
-from .models import RefuseEmbeddings
+from .models import RefuseEmbeddings, refuse_compiled_tower
 from .received import KernelInputTap
 from .settings import settings_for
 
@@ -323,10 +323,4 @@ def _refuse_unsupported(model: Any, vllm_config: Any) -> None:
             "mm_encoder_tp_mode='data' splits a batch's images over ranks before the tower, so the selection would "
             "not see them together; serve with the default mm_encoder_tp_mode when pruning with vispruner"
         )
-    compilation = vllm_config.compilation_config
-    for name in ("compile_mm_encoder", "cudagraph_mm_encoder"):
-        if getattr(compilation, name, False):
-            raise ValueError(
-                f"compilation_config.{name}=True runs the vision tower compiled or as a CUDA graph, past the hooks "
-                "that read its attention; leave it off when pruning with vispruner"
-            )
+    refuse_compiled_tower(vllm_config)

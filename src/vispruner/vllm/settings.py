@@ -17,9 +17,12 @@ SERVED = {
     "llava_next": "LLaVA-NeXT (LlavaNextForConditionalGeneration)",
     "qwen2_5_vl": "Qwen2.5-VL images (Qwen2_5_VLForConditionalGeneration)",
     "qwen3_vl": "Qwen3-VL images (Qwen3VLForConditionalGeneration)",
+    "gemma3": "Gemma 3 images (Gemma3ForConditionalGeneration)",
 }
 #: The served families whose signal is the [CLS] row of a CLIP tower.
 CLS_FAMILIES = ("llava", "llava_next")
+#: The served families whose language model numbers the pruned prompt 1D, 0, 1, 2, ...
+COMPACTED_FAMILIES = (*CLS_FAMILIES, "gemma3")
 
 
 def requested(hf_config: Any) -> dict[str, Any] | None:
@@ -65,10 +68,10 @@ def settings_for(hf_config: Any) -> Settings | None:
             "never sees (it gets the images alone, before the prompt is assembled). Choose one of: "
             + ", ".join(vision_methods())
         )
-    if model_type in CLS_FAMILIES and settings.positions != "compacted":
+    if model_type in COMPACTED_FAMILIES and settings.positions != "compacted":
         raise ValueError(
-            f"positions={settings.positions!r} is not supported in vLLM: vLLM numbers LLaVA's prompt tokens "
-            "0, 1, 2, ... itself; leave positions unset (compacted)"
+            f"positions={settings.positions!r} is not supported in vLLM for {SERVED[model_type]}: vLLM numbers the "
+            "prompt tokens 0, 1, 2, ... itself; leave positions unset (compacted)"
         )
     return settings
 
