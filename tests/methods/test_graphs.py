@@ -13,6 +13,7 @@ import vispruner
 from vispruner.bench.timing import dispatched_ops
 from vispruner.methods import _graphs
 from vispruner.methods import vispruner as vispruner_module
+from vispruner.methods.cdpruner import cdpruner_selection
 from vispruner.methods.divprune import divprune_selection
 
 from .test_native import eager, problems
@@ -86,6 +87,21 @@ def test_replayed_selection_equals_the_eager_one(monkeypatch, tokens, width, num
         assert torch.equal(divprune, divprune_selection(features, num_tokens).keep)
         monkeypatch.delenv("VISPRUNER_CUDA_GRAPHS")
     assert len(_graphs._graphs) == 2  # one graph per method for this shape, reused
+
+
+@needs_cuda
+def test_replayed_cdpruner_equals_the_eager_one(monkeypatch):
+    _graphs.clear()
+    generator = torch.Generator().manual_seed(0)
+    for tokens in (576, 576, 100):  # capture, replay on new inputs, another shape
+        features = torch.randn(2, tokens, 64, generator=generator).cuda()
+        image_embeds = torch.randn(2, tokens, 32, generator=generator).cuda()
+        text_embeds = torch.randn(3, 32, generator=generator).cuda()
+        graphed = cdpruner_selection(features, image_embeds, text_embeds, 16)
+        monkeypatch.setenv("VISPRUNER_CUDA_GRAPHS", "0")
+        assert torch.equal(graphed, cdpruner_selection(features, image_embeds, text_embeds, 16))
+        monkeypatch.delenv("VISPRUNER_CUDA_GRAPHS")
+        assert graphed.sum(dim=1).tolist() == [16, 16]
 
 
 @needs_cuda

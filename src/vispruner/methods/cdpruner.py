@@ -12,6 +12,7 @@ import numbers
 
 import torch
 
+from . import _graphs
 from ._checks import check_features, check_finite, check_num_tokens, require_signal
 from .base import Method, Selection, VisionSignals, register
 
@@ -92,11 +93,14 @@ def cdpruner_selection(
     if alpha is not None:
         relevance = torch.exp(alpha * relevance)
     kernel = relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)
-    return _greedy_map(kernel, relevance, count)
+    # On a GPU: one CUDA graph launch per call (see _graphs); elsewhere, the same code eagerly.
+    (keep,) = _graphs.run(_greedy_map, (kernel, relevance), count)
+    return keep
 
 
-def _greedy_map(kernel: torch.Tensor, relevance: torch.Tensor, count: int) -> torch.Tensor:
-    """(B, N, N) kernel -> (B, N) keep mask of ``count`` tokens per row (see the fallback above)."""
+def _greedy_map(kernel: torch.Tensor, relevance: torch.Tensor, count: int) -> tuple[torch.Tensor]:
+    """(B, N, N) kernel -> (B, N) keep mask of ``count`` tokens per row (see the fallback above).
+    It reads nothing back to the host, so that a CUDA graph can capture it."""
     batch, tokens, _ = kernel.shape
     device = kernel.device
     rows = torch.arange(batch, device=device)
@@ -107,9 +111,9 @@ def _greedy_map(kernel: torch.Tensor, relevance: torch.Tensor, count: int) -> to
     for i in range(count):
         j = torch.argmax(di2s, dim=-1)
         exhausted = ~(di2s[rows, j] > spent)  # also catches NaN
-        if bool(exhausted.any()):
-            by_relevance = relevance.masked_fill(keep, -torch.inf).argmax(dim=-1)
-            j = torch.where(exhausted, by_relevance, j)
+        # Computed whether or not a row is exhausted: asking would read the device every step.
+        by_relevance = relevance.masked_fill(keep, -torch.inf).argmax(dim=-1)
+        j = torch.where(exhausted, by_relevance, j)
         eis = (kernel[rows, j] - torch.einsum("tb,tbn->bn", cis[:i, rows, j], cis[:i])) / torch.sqrt(
             di2s[rows, j]
         ).unsqueeze(-1)
@@ -118,7 +122,7 @@ def _greedy_map(kernel: torch.Tensor, relevance: torch.Tensor, count: int) -> to
         di2s -= torch.square(eis)
         di2s[rows, j] = -float("inf")
         keep[rows, j] = True
-    return keep
+    return (keep,)
 
 
 def _unit(values: torch.Tensor) -> torch.Tensor:
