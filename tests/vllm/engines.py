@@ -37,6 +37,10 @@ NEXT_CROP, NEXT_PATCH = 56, 14
 NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
 #: Tiny Qwen3-VL: 8 px patches, so 16 px merged tokens.
 QWEN3_PATCH = 8
+#: Tiny LLaVA-OneVision: SigLIP crops of 28 px in 4 px patches (7 x 7 per crop, odd like SigLIP's
+#: 27 x 27), anyres up to 4 x 4 crops: grids of more than 9 x 1.1^2 crops' worth are downsampled.
+OV_CROP, OV_PATCH = 28, 4
+OV_PINPOINTS = [[OV_CROP * i, OV_CROP * j] for i in range(1, 5) for j in range(1, 5)]
 
 
 @dataclass
@@ -90,6 +94,50 @@ def save_tiny_next(path: Path, seed: int = 0) -> Path:
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
     )
     processor.save_pretrained(path)
+    return path
+
+
+def save_tiny_onevision(path: Path, seed: int = 0) -> Path:
+    """A random tiny LLaVA-OneVision (SigLIP tower, its last layer, no [CLS]; anyres_max_9; Qwen2 language
+    model with head size 32, which vLLM's CPU attention supports) with an image and a video processor,
+    saved as vLLM and transformers load it."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+    from transformers import Qwen2Config, SiglipVisionConfig
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+    from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+
+    from tests.tiny_models import VOCAB
+
+    vocab = [*VOCAB, "<video>"]
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=OV_CROP,
+            patch_size=OV_PATCH,
+        ),
+        text_config=Qwen2Config(
+            vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            initializer_range=0.2,
+        ),
+        image_token_index=4, video_token_index=len(VOCAB), vision_feature_layer=-1,
+        vision_feature_select_strategy="full", image_grid_pinpoints=OV_PINPOINTS, vision_aspect_ratio="anyres_max_9",
+    )
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        # Peaked attention in the tower, so that received-attention scores are well separated.
+        for layer in model.model.vision_tower.encoder.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    model.save_pretrained(path)
+    save_tower_for_vllm(path)
+    size = {"height": OV_CROP, "width": OV_CROP}
+    LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessorPil(size=size, image_grid_pinpoints=OV_PINPOINTS),
+        video_processor=LlavaOnevisionVideoProcessor(size=size),
+        tokenizer=tiny_tokenizer(vocab, video_token="<video>"),
+        num_image_tokens=(OV_CROP // OV_PATCH) ** 2, vision_feature_select_strategy="full",
+    ).save_pretrained(path)
     return path
 
 
