@@ -1,4 +1,4 @@
-"""vLLM plugin: serve LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL and Qwen3-VL (images) with pruned visual tokens.
+"""vLLM plugin: serve LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL and Qwen3-VL (images) with pruned visual tokens.
 
 vLLM loads :func:`register` (the ``vllm.general_plugins`` entry point) in each of its processes;
 nothing here imports vLLM until then. Pruning is asked per engine through the HF config
@@ -21,6 +21,7 @@ ARCHITECTURES = {
     "LlavaNextForConditionalGeneration": "vispruner.vllm.models:PrunableLlavaNextForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "vispruner.vllm.qwen:PrunableQwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration": "vispruner.vllm.qwen:PrunableQwen3VLForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration": "vispruner.vllm.onevision:PrunableLlavaOnevisionForConditionalGeneration",
 }
 #: Attribute of vLLM's model registry marking that :func:`register` checks engines' overrides.
 _CHECKED = "_vispruner_checks"

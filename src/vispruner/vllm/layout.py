@@ -38,16 +38,19 @@ class Layout:
         shapes: (rows, cols) of each piece's grid of candidate patches.
         packed: (P,) the image's prompt tokens unpruned, in order: an index into ``patches``,
             or :data:`NEWLINE`.
+        weights: crops each piece stands for in a per-crop budget (LLaVA-OneVision's packed grid
+            stands for all its crops); None: one each.
     """
 
     crops: int
     patches: torch.Tensor
     shapes: tuple[tuple[int, int], ...]
     packed: torch.Tensor
+    weights: tuple[int, ...] | None = None
 
     def item(self) -> Item:
         """The image as :func:`~vispruner.adapters.vision_stage.select_tokens` takes it."""
-        return Item(len(self.shapes), self.shapes[0], shapes=self.shapes)
+        return Item(len(self.shapes), self.shapes[0], shapes=self.shapes, crops=self.weights)
 
     def kept_count(self, settings: Settings) -> int:
         """Prompt tokens of this image after pruning: the kept patches plus every newline."""
@@ -57,7 +60,8 @@ class Layout:
         elif settings.keep_ratio is not None:
             kept = sum(min(ratio_tokens(settings.keep_ratio, size), size) for size in sizes)
         else:
-            kept = sum(min(settings.num_tokens, size) for size in sizes)
+            weights = self.weights or (1,) * len(sizes)
+            kept = sum(min(settings.num_tokens * weight, size) for size, weight in zip(sizes, weights))
         return kept + int((self.packed == NEWLINE).sum())
 
     def packed_keep(self, keep: torch.Tensor) -> torch.Tensor:
@@ -102,3 +106,28 @@ def llava_next_layout(image_size: tuple[int, int], side: int, crop_pixels: int, 
     rows = torch.cat([position[canvas], torch.full((canvas.shape[0], 1), NEWLINE)], dim=1).flatten()
     packed = torch.cat([torch.arange(per_crop), rows])
     return Layout(1 + grid_rows * grid_cols, patches_flat, tuple(shapes), packed)
+
+
+def onevision_layout(image_size: tuple[int, int], side: int, crop_pixels: int, pinpoints: list, max_crops: int) -> Layout:
+    """LLaVA-OneVision (``anyres_max_<max_crops>``, as vLLM and transformers pack it): the base crop,
+    then the high-resolution crops' canvas unpadded and, when it holds more than about
+    ``max_crops`` crops' worth of patches, shrunk (bilinear), one newline after each row.
+
+    The selection chooses among the packed tokens (the pieces: the base crop, then the packed
+    grid, standing for all the high-resolution crops in a per-crop budget), so ``patches``
+    indexes the image's packed tokens, newlines aside. Arguments as :func:`llava_next_layout`'s.
+    """
+    import math
+
+    from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape, unpad_image
+
+    grid_rows, grid_cols = get_anyres_image_grid_shape(tuple(image_size), pinpoints, crop_pixels)
+    _, rows, cols = unpad_image(torch.zeros(1, grid_rows * side, grid_cols * side), list(image_size)).shape
+    ratio = math.sqrt(rows * cols / (max_crops * side**2))
+    if ratio > 1.1:
+        rows, cols = int(rows // ratio), int(cols // ratio)
+    per_crop = side * side
+    grid = torch.arange(per_crop, per_crop + rows * cols).view(rows, cols)
+    packed = torch.cat([torch.arange(per_crop), torch.cat([grid, torch.full((rows, 1), NEWLINE)], dim=1).flatten()])
+    shapes = ((side, side), (rows, cols))
+    return Layout(1 + grid_rows * grid_cols, torch.arange(per_crop + rows * cols), shapes, packed, (1, grid_rows * grid_cols))

@@ -177,10 +177,13 @@ class _Pruning:
                 rows = torch.where((slots < 0).unsqueeze(-1), newline.to(rows.dtype), rows)
             out.append(rows)
             image_important = None if important is None else important[start : start + size]
-            selections.append(_selection(layout, image_keep, image_important))
+            selections.append(self._vispruner_selection(layout, image_keep, image_important))
             start += size
         self.vispruner_last = selections
         return out
+
+    def _vispruner_selection(self, layout: Layout, keep: torch.Tensor, important: torch.Tensor | None) -> ImageSelection:
+        return _selection(layout, keep, important)
 
 
 def _starts(crops: list[torch.Tensor]) -> list[int]:
