@@ -47,6 +47,8 @@ OV_PINPOINTS = [[OV_CROP * i, OV_CROP * j] for i in range(1, 5) for j in range(1
 class Request:
     prompt: str
     images: list[Image.Image]
+    #: (frames, height, width, 3) uint8 arrays, for ``<video>`` markers.
+    videos: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -238,7 +240,7 @@ def vllm_results(llm: Any, requests: list[Request], max_tokens: int = 4) -> list
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=1)  # stops at EOS, as generate() does
-    prompts = [{"prompt": r.prompt, "multi_modal_data": {"image": r.images if len(r.images) > 1 else r.images[0]}} for r in requests]
+    prompts = [{"prompt": r.prompt, "multi_modal_data": _media(r)} for r in requests]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     results = []
     for output in outputs:
@@ -246,6 +248,11 @@ def vllm_results(llm: Any, requests: list[Request], max_tokens: int = 4) -> list
         logprobs = [step[token].logprob for step, token in zip(done.logprobs, done.token_ids)]
         results.append(Result(list(done.token_ids), logprobs, len(output.prompt_token_ids)))
     return results
+
+
+def _media(request: Request) -> dict[str, Any]:
+    media = {"image": request.images, "video": request.videos}
+    return {name: items if len(items) > 1 else items[0] for name, items in media.items() if items}
 
 
 def vllm_kept(llm: Any) -> list[list[list[int]]]:
@@ -270,7 +277,8 @@ def library_results(model: Any, processor: Any, requests: list[Request], options
                   output_logits=True, return_dict_in_generate=True, num_beams=1)
     results = []
     for request in requests:
-        inputs = processor(images=request.images, text=[request.prompt], return_tensors="pt")
+        media = {"images": request.images or None, "videos": request.videos or None}
+        inputs = processor(**media, text=[request.prompt], return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**inputs, generation_config=config)
         new = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()

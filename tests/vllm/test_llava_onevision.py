@@ -1,18 +1,20 @@
 """The plugin on a tiny random LLaVA-OneVision against the library's transformers path: greedy tokens,
 log-probs within 1e-4, kept indices and prompt lengths, for every vision-stage method at three
 budgets, batched requests with images of different sizes (letterboxed, shrunk by anyres_max_9, one
-crop's size) and several images per prompt.
+crop's size), several images per prompt, and videos (frames pooled 2 x 2) of different lengths.
 
 vLLM gives every image of a prompt its anyres crops; transformers does too when each image comes as
 its own list entry (``batch_num_images`` of ones, as :func:`library_results` passes them), and
 keeps only the base crop of each image when a prompt's images come as one nested list. The plugin
 prunes what vLLM serves, so the reference is the former."""
 
+import numpy as np
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed in this venv; .ci/vllm-tests.sh runs these tests in a venv of their own")
 
 from .engines import (  # noqa: E402
+    Request,
     assert_same,
     engine,
     library_results,
@@ -109,16 +111,53 @@ def test_check_sees_a_position_error(tiny_onevision, reference):
         assert_same(got, shifted)
 
 
-def test_refusals(tiny_onevision):
-    import numpy as np
+#: Videos of 4 and 6 frames (each frame 7 x 7 patches pooled to 4 x 4 tokens) and of two sizes; the
+#: image and video processors resize frames to one crop.
+VIDEO_CASES = [
+    {"method": "vispruner", "num_tokens": 5},
+    {"method": "visionzip", "num_tokens": 3},
+    {"method": "vispruner", "num_tokens": 30, "budget": "per_image"},
+    {"method": "divprune", "keep_ratio": 0.4},
+    *(pytest.param({"method": m, "num_tokens": 3}, marks=pytest.mark.slow) for m in ("fastervlm", "divprune", "random", "pooling")),
+]
 
+
+def video_requests() -> tuple[list[Request], list[Request]]:
+    """Two prompts with a video each, then one with an image and a video."""
+    rng = np.random.default_rng(0)
+    short, long = rng.integers(0, 256, (4, 28, 28, 3), dtype=np.uint8), rng.integers(0, 256, (6, 40, 30, 3), dtype=np.uint8)
+    image = next_requests(SIZES[:1])[0].images
+    videos = [Request("w5 w6 <video> w7", [], [short]), Request("w9 <video> w10 w11 w12", [], [long])]
+    return videos, [Request("w8 <image> w9 <video> w10", image, [long])]
+
+
+@pytest.mark.parametrize("options", VIDEO_CASES, ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_video_matches_library(tiny_onevision, reference, options):
+    # vLLM embeds a batch's images and videos in calls of their own: the kept frames are read
+    # after a batch of videos alone.
+    videos, mixed = video_requests()
+    want = library_results(*reference, videos + mixed, options)
+    with engine(tiny_onevision, vispruner_options=options, max_model_len=LENGTH, limit_mm_per_prompt={"image": 1, "video": 1}) as llm:
+        got = vllm_results(llm, videos)
+        chosen = vllm_kept(llm)
+        got += vllm_results(llm, mixed)
+    assert_same(got, want)
+    assert chosen == [image for r in want[: len(videos)] for image in r.kept]
+
+
+def test_video_prompt_holds_budget_per_frame_plus_newline(tiny_onevision, reference):
+    # 4 frames of 4 x 4 pooled tokens and a newline: 65 placeholders unpruned, 4 * 5 + 1 with K=5.
+    videos, _ = video_requests()
+    unpruned = len(reference[1](videos=videos[0].videos, text=[videos[0].prompt])["input_ids"][0])
+    with engine(tiny_onevision, vispruner_options={"method": "vispruner", "num_tokens": 5}, max_model_len=LENGTH) as llm:
+        got = vllm_results(llm, videos[:1], max_tokens=1)
+    assert got[0].prompt_length == unpruned - 65 + 21
+
+
+def test_refusals(tiny_onevision):
     with pytest.raises(Exception, match="positions='original' is not supported in vLLM"):
         with engine(tiny_onevision, vispruner_options={"num_tokens": 6, "positions": "original"}, max_model_len=LENGTH):
             pass
-    request = next_requests(SIZES[:1])[0]
-    with engine(tiny_onevision, vispruner_options={"method": "vispruner", "num_tokens": 6}, max_model_len=LENGTH) as llm:
-        video = np.zeros((4, 28, 28, 3), dtype=np.uint8)
-        with pytest.raises(ValueError, match="prunes LLaVA-OneVision images only"):
-            llm.generate({"prompt": request.prompt.replace("<image>", "<video>"), "multi_modal_data": {"video": video}}, use_tqdm=False)
-        # The engine still serves after refusing.
-        assert len(vllm_results(llm, [request], max_tokens=1)[0].tokens) == 1
+    with pytest.raises(Exception, match="base crop and its packed grid differ in width"):
+        with engine(tiny_onevision, vispruner_options={"method": "pooling", "num_tokens": 6, "budget": "per_image"}, max_model_len=LENGTH):
+            pass

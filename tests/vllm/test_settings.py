@@ -85,6 +85,11 @@ def test_onevision_packing_vllm_does_not_follow_refused(name, value):
         settings_for(config)
 
 
+def test_onevision_grid_methods_per_image_refused():
+    with pytest.raises(ValueError, match="'pooling' needs one patch grid per budget unit.*use budget='per_crop'"):
+        settings_for(_config(tiny_onevision(), {"method": "pooling", "num_tokens": 8, "budget": "per_image"}))
+
+
 def test_onevision_original_positions_refused():
     with pytest.raises(ValueError, match="positions='original' is not supported in vLLM"):
         settings_for(_config(tiny_onevision(), {"positions": "original"}))

@@ -131,3 +131,11 @@ def onevision_layout(image_size: tuple[int, int], side: int, crop_pixels: int, p
     packed = torch.cat([torch.arange(per_crop), torch.cat([grid, torch.full((rows, 1), NEWLINE)], dim=1).flatten()])
     shapes = ((side, side), (rows, cols))
     return Layout(1 + grid_rows * grid_cols, torch.arange(per_crop + rows * cols), shapes, packed, (1, grid_rows * grid_cols))
+
+
+def video_layout(frames: int, side: int) -> Layout:
+    """LLaVA-OneVision video: each frame's ``side`` x ``side`` patches pooled (bilinear, as
+    ``apply_pooling``) to half the side rounded up, frame by frame, then one newline."""
+    pooled = -(-side // 2)
+    every = torch.arange(frames * pooled * pooled)
+    return Layout(frames, every, ((pooled, pooled),) * frames, torch.cat([every, torch.tensor([NEWLINE])]))

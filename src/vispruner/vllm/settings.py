@@ -75,6 +75,12 @@ def settings_for(hf_config: Any) -> Settings | None:
             f"positions={settings.positions!r} is not supported in vLLM: vLLM numbers this model's prompt tokens "
             "0, 1, 2, ... itself; leave positions unset (compacted)"
         )
+    if model_type == "llava_onevision" and "grid" in settings.method.needs and settings.budget == "per_image":
+        raise ValueError(
+            f"method {settings.method.name!r} needs one patch grid per budget unit; with budget='per_image' a "
+            "LLaVA-OneVision image's base crop and its packed grid differ in width (vLLM's memory profiling sends such "
+            "an image at start-up); use budget='per_crop'"
+        )
     return settings
 
 
