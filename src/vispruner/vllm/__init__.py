@@ -1,4 +1,4 @@
-"""vLLM plugin: serve LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL and Qwen3-VL (images) with pruned visual tokens.
+"""vLLM plugin: serve LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision (images, videos), Qwen2.5-VL and Qwen3-VL (images) pruned.
 
 vLLM loads :func:`register` (the ``vllm.general_plugins`` entry point) in each of its processes;
 nothing here imports vLLM until then. Pruning is asked per engine through the HF config

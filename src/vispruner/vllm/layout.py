@@ -8,7 +8,8 @@ the method ran. The plugin therefore chooses among the patches unpadding keeps: 
 budget is spent on its part of the image (a rectangle of its patch grid), and the kept count is
 known in advance. Where an image fills its crops (no padding), this is exactly the library's
 selection (:func:`vispruner.apply`); where it does not, the library spends part of a crop's budget
-on padding that is then thrown away, and the plugin does not.
+on padding that is then thrown away, and the plugin does not. LLaVA-OneVision packs (unpads,
+shrinks) or pools its tokens before the selection, as the library does, so its count is known.
 
 A :class:`Layout` lists, per image, the pieces the selection sees (their patch indices in the
 tower's output and their grids) and the packed order of its tokens in the prompt.
@@ -16,6 +17,7 @@ tower's output and their grids) and the packed order of its tokens in the prompt
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +36,8 @@ class Layout:
     Attributes:
         crops: tower inputs (crops) of the image.
         patches: (S,) indices into the image's flattened (crops * N) patch features of the patches
-            the selection chooses among, piece by piece, each piece in raster order.
+            the selection chooses among, piece by piece, each piece in raster order (LLaVA-OneVision:
+            into its packed or pooled tokens, which the selection chooses among).
         shapes: (rows, cols) of each piece's grid of candidate patches.
         packed: (P,) the image's prompt tokens unpruned, in order: an index into ``patches``,
             or :data:`NEWLINE`.
@@ -117,8 +120,6 @@ def onevision_layout(image_size: tuple[int, int], side: int, crop_pixels: int, p
     grid, standing for all the high-resolution crops in a per-crop budget), so ``patches``
     indexes the image's packed tokens, newlines aside. Arguments as :func:`llava_next_layout`'s.
     """
-    import math
-
     from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape, unpad_image
 
     grid_rows, grid_cols = get_anyres_image_grid_shape(tuple(image_size), pinpoints, crop_pixels)

@@ -39,7 +39,6 @@ from ..adapters.vision_stage import ImageSelection, _by_piece, select_tokens
 from .layout import Layout, onevision_layout, video_layout
 from .models import RefuseEmbeddings, _Counting, _Pruning, _side
 from .received import QkvReceivedCapture
-from .settings import settings_for
 
 #: The packing vLLM's OneVision applies to every image (it does not read config.vision_aspect_ratio).
 MAX_CROPS = 9

@@ -17,7 +17,7 @@ SERVED = {
     "llava_next": "LLaVA-NeXT (LlavaNextForConditionalGeneration)",
     "qwen2_5_vl": "Qwen2.5-VL images (Qwen2_5_VLForConditionalGeneration)",
     "qwen3_vl": "Qwen3-VL images (Qwen3VLForConditionalGeneration)",
-    "llava_onevision": "LLaVA-OneVision images (LlavaOnevisionForConditionalGeneration)",
+    "llava_onevision": "LLaVA-OneVision images and videos (LlavaOnevisionForConditionalGeneration)",
 }
 #: The served families whose signal is the [CLS] row of a CLIP tower.
 CLS_FAMILIES = ("llava", "llava_next")
