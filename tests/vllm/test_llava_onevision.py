@@ -98,6 +98,33 @@ def test_prompt_holds_text_plus_budget_plus_newlines(tiny_onevision, reference):
     assert [len(piece) for piece in chosen[1]] == [6 + 96]
 
 
+def test_chunked_prefill_and_prefix_caching_exact(tiny_onevision, reference):
+    # Chunks of 8 tokens cut every pruned image (19 to 123 tokens, newlines included) across
+    # chunks; the second pass, one request at a time, takes whole 32-token blocks of the prompts,
+    # images included, from the prefix cache. The 4 x 4-crop image's 123 tokens are more than vLLM's
+    # dummy image would size the encoder cache for (120): the plugin's bound is what lets it in.
+    from vllm import SamplingParams
+
+    options = {"method": "vispruner", "num_tokens": 6}
+    requests = next_requests(SIZES[:4])
+    want = library_results(*reference, requests, options)
+    with engine(
+        tiny_onevision, vispruner_options=options, max_model_len=LENGTH, enable_chunked_prefill=True,
+        max_num_batched_tokens=8, enable_prefix_caching=True, block_size=32,
+    ) as llm:
+        first = vllm_results(llm, requests)
+        second = [vllm_results(llm, [request])[0] for request in requests]
+        params = SamplingParams(max_tokens=1)
+        cached = [
+            llm.generate({"prompt": r.prompt, "multi_modal_data": {"image": r.images}}, params, use_tqdm=False)[0].num_cached_tokens
+            for r in requests
+        ]
+    assert_same(first, want)
+    assert_same(second, want)
+    # Prompts of more than one block reuse it; the one-crop image's prompt has no full block.
+    assert [count >= 32 for count in cached] == [result.prompt_length > 32 for result in want] == [True, True, False, True]
+
+
 def test_check_sees_a_position_error(tiny_onevision, reference):
     # The negative control: the library numbering the same kept tokens by their unpruned positions
     # (positions="original"): prompts of the same length, which assert_same tells apart.

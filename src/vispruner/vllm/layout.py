@@ -127,11 +127,15 @@ def onevision_layout(image_size: tuple[int, int], side: int, crop_pixels: int, p
     ratio = math.sqrt(rows * cols / (max_crops * side**2))
     if ratio > 1.1:
         rows, cols = int(rows // ratio), int(cols // ratio)
+    return onevision_grid_layout(side, rows, cols, grid_rows * grid_cols)
+
+
+def onevision_grid_layout(side: int, rows: int, cols: int, crops: int) -> Layout:
+    """A LLaVA-OneVision image whose ``crops`` high-resolution crops pack into ``rows`` x ``cols`` tokens."""
     per_crop = side * side
     grid = torch.arange(per_crop, per_crop + rows * cols).view(rows, cols)
     packed = torch.cat([torch.arange(per_crop), torch.cat([grid, torch.full((rows, 1), NEWLINE)], dim=1).flatten()])
-    shapes = ((side, side), (rows, cols))
-    return Layout(1 + grid_rows * grid_cols, torch.arange(per_crop + rows * cols), shapes, packed, (1, grid_rows * grid_cols))
+    return Layout(1 + crops, torch.arange(per_crop + rows * cols), ((side, side), (rows, cols)), packed, (1, crops))
 
 
 def video_layout(frames: int, side: int) -> Layout:

@@ -24,7 +24,7 @@ its default ``positions="compacted"`` does:
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from vllm.model_executor.models.llava_onevision import (
@@ -36,7 +36,7 @@ from vllm.model_executor.models.llava_onevision import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..adapters.vision_stage import ImageSelection, _by_piece, select_tokens
-from .layout import Layout, onevision_layout, video_layout
+from .layout import Layout, onevision_grid_layout, onevision_layout, video_layout
 from .models import RefuseEmbeddings, _Counting, _Pruning, _side
 from .received import QkvReceivedCapture
 
@@ -61,6 +61,21 @@ class PrunableOnevisionInfo(_Counting, LlavaOnevisionProcessingInfo):
         if int(layout.packed.numel()) != full:
             raise RuntimeError(f"vispruner's layout has {layout.packed.numel()} video tokens where vLLM counts {full}")
         return layout.kept_count(settings)
+
+    def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int] | None:
+        settings = self._vispruner_settings()
+        if settings is None:
+            return super().get_mm_max_tokens_per_item(seq_len, mm_counts)
+        # The encoder cache is sized by the largest item. vLLM's dummy image (a size found for the
+        # published checkpoints' unpruned counts) need not have the most pruned tokens: bound them
+        # by each grid of crops before unpadding and shrinking (most rows, most tokens to keep).
+        config = self.get_hf_config()
+        side, crop = _side(config), config.vision_config.image_size
+        image = max(
+            onevision_grid_layout(side, height // crop * side, width // crop * side, (height // crop) * (width // crop)).kept_count(settings)
+            for height, width in config.image_grid_pinpoints
+        )
+        return {"image": image, "video": self.get_max_video_tokens(seq_len, mm_counts)}
 
     def _get_max_video_frames(self, max_tokens: int) -> int:
         if self._vispruner_settings() is None:
