@@ -23,6 +23,7 @@ its default ``positions="compacted"`` does:
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from typing import Any, Callable, Mapping
 
@@ -67,14 +68,20 @@ class PrunableOnevisionInfo(_Counting, LlavaOnevisionProcessingInfo):
         if settings is None:
             return super().get_mm_max_tokens_per_item(seq_len, mm_counts)
         # The encoder cache is sized by the largest item. vLLM's dummy image (a size found for the
-        # published checkpoints' unpruned counts) need not have the most pruned tokens: bound them
-        # by each grid of crops before unpadding and shrinking (most rows, most tokens to keep).
+        # published checkpoints' unpruned counts) need not have the most pruned tokens, so they are
+        # bounded over every grid of crops: at most as many rows as the grid's canvas (unpadding and
+        # shrinking only take rows away), at most its tokens and no more than a packed grid keeps
+        # (it is shrunk past 1.1^2 x MAX_CROPS crops' worth of patches).
         config = self.get_hf_config()
         side, crop = _side(config), config.vision_config.image_size
-        image = max(
-            onevision_grid_layout(side, height // crop * side, width // crop * side, (height // crop) * (width // crop)).kept_count(settings)
-            for height, width in config.image_grid_pinpoints
-        )
+        most = math.ceil(1.21 * MAX_CROPS * side**2)
+
+        def bound(height: int, width: int) -> int:
+            rows, cols = height // crop * side, width // crop * side
+            tokens = min(rows * cols, most)
+            return onevision_grid_layout(side, rows, -(-tokens // rows), rows * cols // side**2).kept_count(settings)
+
+        image = max(bound(height, width) for height, width in config.image_grid_pinpoints)
         return {"image": image, "video": self.get_max_video_tokens(seq_len, mm_counts)}
 
     def _get_max_video_frames(self, max_tokens: int) -> int:
