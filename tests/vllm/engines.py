@@ -37,12 +37,18 @@ NEXT_CROP, NEXT_PATCH = 56, 14
 NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
 #: Tiny Qwen3-VL: 8 px patches, so 16 px merged tokens.
 QWEN3_PATCH = 8
+#: Tiny LLaVA-OneVision: SigLIP crops of 28 px in 4 px patches (7 x 7 per crop, odd like SigLIP's
+#: 27 x 27), anyres up to 4 x 4 crops: grids of more than 9 x 1.1^2 crops' worth are downsampled.
+OV_CROP, OV_PATCH = 28, 4
+OV_PINPOINTS = [[OV_CROP * i, OV_CROP * j] for i in range(1, 5) for j in range(1, 5)]
 
 
 @dataclass
 class Request:
     prompt: str
     images: list[Image.Image]
+    #: (frames, height, width, 3) uint8 arrays, for ``<video>`` markers.
+    videos: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -90,6 +96,49 @@ def save_tiny_next(path: Path, seed: int = 0) -> Path:
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
     )
     processor.save_pretrained(path)
+    return path
+
+
+def save_tiny_onevision(path: Path, seed: int = 0) -> Path:
+    """A random tiny LLaVA-OneVision (SigLIP tower, its last layer, no [CLS]; anyres_max_9; Qwen2 language
+    model with head size 32, which vLLM's CPU attention supports) with an image and a video processor,
+    saved as vLLM and transformers load it.
+
+    The tower's MLPs use the exact GELU: with SigLIP's tanh GELU, vLLM's CPU kernel and torch's
+    give features about 1e-5 apart, which on this random model reorders the near-tied received
+    attention that VisPruner's diverse step lists its tokens by (measured on this model: 1 or 2 of 8
+    images chose otherwise at each of three budgets), while every other method chose alike."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+    from transformers import Qwen2Config, SiglipVisionConfig
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+    from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+
+    from tests.tiny_models import VOCAB
+
+    vocab = [*VOCAB, "<video>"]
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=OV_CROP,
+            patch_size=OV_PATCH, hidden_act="gelu",
+        ),
+        text_config=Qwen2Config(
+            vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            initializer_range=0.2,
+        ),
+        image_token_index=4, video_token_index=len(VOCAB), vision_feature_layer=-1,
+        vision_feature_select_strategy="full", image_grid_pinpoints=OV_PINPOINTS, vision_aspect_ratio="anyres_max_9",
+    )
+    torch.manual_seed(seed)
+    LlavaOnevisionForConditionalGeneration(config).save_pretrained(path)
+    save_tower_for_vllm(path)
+    size = {"height": OV_CROP, "width": OV_CROP}
+    LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessorPil(size=size, image_grid_pinpoints=OV_PINPOINTS),
+        video_processor=LlavaOnevisionVideoProcessor(size=size),
+        tokenizer=tiny_tokenizer(vocab, video_token="<video>"),
+        num_image_tokens=(OV_CROP // OV_PATCH) ** 2, vision_feature_select_strategy="full",
+    ).save_pretrained(path)
     return path
 
 
@@ -191,7 +240,7 @@ def vllm_results(llm: Any, requests: list[Request], max_tokens: int = 4) -> list
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=1)  # stops at EOS, as generate() does
-    prompts = [{"prompt": r.prompt, "multi_modal_data": {"image": r.images if len(r.images) > 1 else r.images[0]}} for r in requests]
+    prompts = [{"prompt": r.prompt, "multi_modal_data": _media(r)} for r in requests]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     results = []
     for output in outputs:
@@ -199,6 +248,11 @@ def vllm_results(llm: Any, requests: list[Request], max_tokens: int = 4) -> list
         logprobs = [step[token].logprob for step, token in zip(done.logprobs, done.token_ids)]
         results.append(Result(list(done.token_ids), logprobs, len(output.prompt_token_ids)))
     return results
+
+
+def _media(request: Request) -> dict[str, Any]:
+    media = {"image": request.images, "video": request.videos}
+    return {name: items if len(items) > 1 else items[0] for name, items in media.items() if items}
 
 
 def vllm_kept(llm: Any) -> list[list[list[int]]]:
@@ -223,7 +277,8 @@ def library_results(model: Any, processor: Any, requests: list[Request], options
                   output_logits=True, return_dict_in_generate=True, num_beams=1)
     results = []
     for request in requests:
-        inputs = processor(images=request.images, text=[request.prompt], return_tensors="pt")
+        media = {"images": request.images or None, "videos": request.videos or None}
+        inputs = processor(**media, text=[request.prompt], return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**inputs, generation_config=config)
         new = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()

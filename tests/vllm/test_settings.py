@@ -1,12 +1,14 @@
 """The override's checks (no vLLM needed: these run in the main suite too): the messages are
 vispruner.apply's own, and what vLLM cannot run is refused with the reason."""
 
+import re
+
 import pytest
 from transformers import Gemma3Config, LlavaConfig, Mistral3Config, Qwen2_5_VLConfig
 
 import vispruner
 from vispruner.vllm.settings import settings_for
-from tests.tiny_models import tiny_llava, tiny_llava_next
+from tests.tiny_models import tiny_llava, tiny_llava_next, tiny_onevision
 
 
 def _config(model, options):
@@ -30,7 +32,7 @@ def _config(model, options):
         {"budget": "per_video"},
     ],
 )
-@pytest.mark.parametrize("build", [tiny_llava, tiny_llava_next])
+@pytest.mark.parametrize("build", [tiny_llava, tiny_llava_next, tiny_onevision])
 def test_bad_option_gets_apply_message(build, options):
     model = build()
     with pytest.raises((ValueError, TypeError)) as from_apply:
@@ -68,6 +70,29 @@ def test_instruction_conditioned_cdpruner_refused_with_reason():
 def test_original_positions_refused():
     with pytest.raises(ValueError, match="positions='original' is not supported in vLLM"):
         settings_for(_config(tiny_llava(), {"positions": "original"}))
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("vision_aspect_ratio", "anyres_max_4"), ("vision_feature_select_strategy", "default"), ("vision_feature_layer", [-2, -1])],
+)
+def test_onevision_packing_vllm_does_not_follow_refused(name, value):
+    # vLLM's OneVision packs every image anyres_max_9 from one layer's every patch, whatever the config says.
+    config = _config(tiny_onevision(), {"num_tokens": 8})
+    assert settings_for(config).num_tokens == 8
+    setattr(config, name, value)
+    with pytest.raises(TypeError, match=f"packed anyres_max_9 .*got a 'siglip_vision_model' tower, .*{re.escape(repr(value))}"):
+        settings_for(config)
+
+
+def test_onevision_grid_methods_per_image_refused():
+    with pytest.raises(ValueError, match="'pooling' needs one patch grid per budget unit.*use budget='per_crop'"):
+        settings_for(_config(tiny_onevision(), {"method": "pooling", "num_tokens": 8, "budget": "per_image"}))
+
+
+def test_onevision_original_positions_refused():
+    with pytest.raises(ValueError, match="positions='original' is not supported in vLLM"):
+        settings_for(_config(tiny_onevision(), {"positions": "original"}))
 
 
 def test_unserved_family_named():

@@ -1,4 +1,5 @@
-"""vLLM plugin: serve LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL and Gemma 3 (images) with pruned visual tokens.
+"""vLLM plugin: serve LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision (images, videos), Qwen2.5-VL, Qwen3-VL and Gemma 3
+(images) with pruned visual tokens.
 
 vLLM loads :func:`register` (the ``vllm.general_plugins`` entry point) in each of its processes;
 nothing here imports vLLM until then. Pruning is asked per engine through the HF config
@@ -22,6 +23,7 @@ ARCHITECTURES = {
     "Qwen2_5_VLForConditionalGeneration": "vispruner.vllm.qwen:PrunableQwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration": "vispruner.vllm.qwen:PrunableQwen3VLForConditionalGeneration",
     "Gemma3ForConditionalGeneration": "vispruner.vllm.gemma3:PrunableGemma3ForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration": "vispruner.vllm.onevision:PrunableLlavaOnevisionForConditionalGeneration",
 }
 #: Attribute of vLLM's model registry marking that :func:`register` checks engines' overrides.
 _CHECKED = "_vispruner_checks"

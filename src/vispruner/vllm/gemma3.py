@@ -15,7 +15,7 @@ transformers path (:mod:`vispruner.adapters.gemma3`) chooses them:
 * ``embed_multimodal`` runs vLLM's tower with the library's :class:`~vispruner.adapters.gemma3.GemmaTap`
   (the pooled features at the projector's norm, where the method chooses) whose signal, the
   attention each patch receives in the tower's last layer, comes from a hook on vLLM's fused
-  ``qkv_proj`` (:class:`QkvReceivedCapture`); per image the kept rows are returned in order.
+  ``qkv_proj`` (:class:`~.received.QkvReceivedCapture`); per image the kept rows are returned in order.
 """
 
 from __future__ import annotations
@@ -35,14 +35,12 @@ from vllm.model_executor.models.gemma3_mm import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptUpdateDetails
 
-from ..adapters.attention_received import mean_attention_received
 from ..adapters.gemma3 import FAMILY, GemmaTap
-from ..adapters.siglip import ReceivedAttentionCapture
 from ..adapters.vision_stage import ImageSelection, Item, Settings, select_tokens
 from . import runner
-from .cls_row import query_and_keys
 from .layout import llava_layout
 from .models import RefuseEmbeddings, refuse_compiled_tower
+from .received import QkvReceivedCapture
 from .settings import settings_for
 
 
@@ -84,37 +82,6 @@ class PrunableGemma3Info(Gemma3ProcessingInfo):
 
 class PrunableGemma3Processor(RefuseEmbeddings, Gemma3MultiModalProcessor):
     pass
-
-
-class QkvReceivedCapture(ReceivedAttentionCapture):
-    """:class:`~vispruner.adapters.siglip.ReceivedAttentionCapture` of vLLM's ``SiglipAttention``,
-    from its fused ``qkv_proj`` (its kernel never returns weights). With tensor parallelism each
-    rank holds some heads: the head sums are added, the keys gathered, over ranks."""
-
-    def __enter__(self) -> "QkvReceivedCapture":
-        self._handles = [self.attention.qkv_proj.register_forward_hook(self._on_qkv)]
-        return self
-
-    def _on_qkv(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        attention = self.attention
-        local, width = attention.num_heads_per_partition, attention.head_dim
-        with torch.no_grad():
-            query, keys = query_and_keys(output)
-            crops, length, _ = keys.shape
-
-            def heads(values: torch.Tensor) -> torch.Tensor:  # (B, S, h*d) -> (h, B*S, d)
-                return values.reshape(crops * length, local, width).transpose(0, 1)
-
-            segments = torch.arange(0, crops * length + 1, length, device=keys.device)
-            received = mean_attention_received(heads(query), heads(keys), attention.scale, segments) * local
-            per_head = keys.unflatten(-1, (local, width)) if self._keep_keys else None
-            if attention.tp_size > 1:
-                from vllm.distributed import tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce
-
-                received = tensor_model_parallel_all_reduce(received)
-                per_head = None if per_head is None else tensor_model_parallel_all_gather(per_head.contiguous(), dim=2)
-            self._scores = (received / attention.num_heads).view(crops, length)
-            self._per_head_keys = per_head
 
 
 class VllmGemmaTap(GemmaTap):

@@ -32,7 +32,7 @@ from vllm.model_executor.models.llava_next import (
     LlavaNextProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.parse import ImageEmbeddingItems
+from vllm.multimodal.parse import EmbeddingItems
 
 from ..adapters.vision_stage import ImageSelection, Settings, select_tokens
 from .cls_row import QkvClsCapture
@@ -75,15 +75,15 @@ class PrunableLlavaNextInfo(_Counting, LlavaNextProcessingInfo):
 
 
 class RefuseEmbeddings:
-    """Processor mixin: precomputed image embeddings cannot be pruned (no tower runs)."""
+    """Processor mixin: precomputed image (or video) embeddings cannot be pruned (no tower runs)."""
 
     def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Any, out_mm_kwargs: Any) -> Any:
         if settings_for(self.info.get_hf_config()) is not None and any(
-            isinstance(items, ImageEmbeddingItems) for items in mm_items.values()
+            isinstance(items, EmbeddingItems) for items in mm_items.values()
         ):
             raise ValueError(
-                "vispruner prunes images from their pixels; image embeddings cannot be pruned "
-                "(pass the image, or serve without the vispruner override)"
+                "vispruner prunes images and videos from their pixels; image or video embeddings cannot be pruned "
+                "(pass the image or video, or serve without the vispruner override)"
             )
         return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
 
@@ -188,10 +188,13 @@ class _Pruning:
                 rows = torch.where((slots < 0).unsqueeze(-1), newline.to(rows.dtype), rows)
             out.append(rows)
             image_important = None if important is None else important[start : start + size]
-            selections.append(_selection(layout, image_keep, image_important))
+            selections.append(self._vispruner_selection(layout, image_keep, image_important))
             start += size
         self.vispruner_last = selections
         return out
+
+    def _vispruner_selection(self, layout: Layout, keep: torch.Tensor, important: torch.Tensor | None) -> ImageSelection:
+        return _selection(layout, keep, important)
 
 
 def _starts(crops: list[torch.Tensor]) -> list[int]:

@@ -41,7 +41,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 from vllm.multimodal.video_prune.evs import compute_mrope_for_media
 
-from ..adapters.vision_stage import ImageSelection, Item, select_tokens
+from ..adapters.vision_stage import ImageSelection, select_tokens
 from . import runner
 from .layout import Layout
 from .models import RefuseEmbeddings, refuse_compiled_tower

@@ -1,4 +1,4 @@
-"""The attention each merged token receives in the last block of vLLM's Qwen-VL towers.
+"""The attention each token receives in a layer of vLLM's vision towers without [CLS] (Qwen-VL, SigLIP).
 
 vLLM's ``Qwen2_5_VisionAttention`` (in Qwen2.5-VL's and Qwen3-VL's towers) hands its rotated
 queries and keys to ``MMEncoderAttention``, a fused kernel that never returns weights. A forward
@@ -10,6 +10,11 @@ matrix held), averaged over each merge group, and the group-averaged keys for Vi
 Everything else (features, projection, replacement, window order) is the library's
 :class:`~vispruner.adapters.qwen_vision.MergerTap`. With tensor parallelism each rank holds some
 heads: the head sums are added over ranks.
+
+vLLM's ``SiglipAttention`` (LLaVA-OneVision's and Gemma 3's towers) computes queries and keys in one fused
+``qkv_proj``: :class:`QkvReceivedCapture` scores them from that projection's output, as the
+library's :class:`~vispruner.adapters.siglip.ReceivedAttentionCapture` does from ``q_proj`` and
+``k_proj``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from torch import nn
 
 from ..adapters.attention_received import mean_attention_received
 from ..adapters.qwen_vision import MergerTap
+from ..adapters.siglip import ReceivedAttentionCapture
+from .cls_row import query_and_keys
 
 
 class KernelInputTap(MergerTap):
@@ -59,3 +66,35 @@ class KernelInputTap(MergerTap):
             total = local * attention.tp_size
             self._scores = self._placeholder_order(received.view(-1, self._unit).mean(dim=1) / total)
             self._keys = None if grouped is None else self._placeholder_order(grouped)
+
+
+class QkvReceivedCapture(ReceivedAttentionCapture):
+    """:class:`ReceivedAttentionCapture` of vLLM's ``SiglipAttention``, from its fused ``qkv_proj``:
+    ``scores()`` (crops, S), each patch's attention received from its crop averaged over all heads
+    and queries; ``keys()`` (crops, S, H, d) or None unless ``keep_keys``."""
+
+    def __enter__(self) -> "QkvReceivedCapture":
+        self._handles = [self.attention.qkv_proj.register_forward_hook(self._on_qkv)]
+        return self
+
+    def _on_qkv(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        attention = self.attention
+        local, width = attention.num_heads_per_partition, attention.head_dim
+        with torch.no_grad():
+            query, keys = query_and_keys(output)
+            crops, length, _ = keys.shape
+
+            def heads_first(values: torch.Tensor) -> torch.Tensor:  # (B, S, h*d) -> (h, B*S, d)
+                return values.reshape(crops * length, local, width).transpose(0, 1)
+
+            segments = torch.arange(0, crops * length + 1, length, device=keys.device)
+            received = mean_attention_received(heads_first(query), heads_first(keys), attention.scale, segments)
+            per_head = keys.unflatten(-1, (local, width)) if self._keep_keys else None
+            if attention.tp_size > 1:
+                from vllm.distributed import tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce
+
+                # This rank's mean over its heads, weighted by their count, summed over ranks.
+                received = tensor_model_parallel_all_reduce(received * local) / attention.num_heads
+                per_head = None if per_head is None else tensor_model_parallel_all_gather(per_head.contiguous(), dim=2)
+            self._scores = received.view(crops, length)
+            self._per_head_keys = per_head

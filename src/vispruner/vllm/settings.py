@@ -18,11 +18,12 @@ SERVED = {
     "qwen2_5_vl": "Qwen2.5-VL images (Qwen2_5_VLForConditionalGeneration)",
     "qwen3_vl": "Qwen3-VL images (Qwen3VLForConditionalGeneration)",
     "gemma3": "Gemma 3 images (Gemma3ForConditionalGeneration)",
+    "llava_onevision": "LLaVA-OneVision images and videos (LlavaOnevisionForConditionalGeneration)",
 }
 #: The served families whose signal is the [CLS] row of a CLIP tower.
 CLS_FAMILIES = ("llava", "llava_next")
-#: The served families whose language model numbers the pruned prompt 1D, 0, 1, 2, ...
-COMPACTED_FAMILIES = (*CLS_FAMILIES, "gemma3")
+#: The served families whose language model numbers the prompt 0, 1, 2, ... (1D positions).
+RENUMBERED_FAMILIES = (*CLS_FAMILIES, "gemma3", "llava_onevision")
 
 
 def requested(hf_config: Any) -> dict[str, Any] | None:
@@ -52,6 +53,8 @@ def settings_for(hf_config: Any) -> Settings | None:
         )
     if model_type in CLS_FAMILIES:
         _check_clip_tower(hf_config)
+    if model_type == "llava_onevision":
+        _check_onevision(hf_config)
     from ..adapters import family_of_type
     from ..api import check_arguments
 
@@ -68,10 +71,16 @@ def settings_for(hf_config: Any) -> Settings | None:
             "never sees (it gets the images alone, before the prompt is assembled). Choose one of: "
             + ", ".join(vision_methods())
         )
-    if model_type in COMPACTED_FAMILIES and settings.positions != "compacted":
+    if model_type in RENUMBERED_FAMILIES and settings.positions != "compacted":
         raise ValueError(
-            f"positions={settings.positions!r} is not supported in vLLM for {SERVED[model_type]}: vLLM numbers the "
-            "prompt tokens 0, 1, 2, ... itself; leave positions unset (compacted)"
+            f"positions={settings.positions!r} is not supported in vLLM: vLLM numbers this model's prompt tokens "
+            "0, 1, 2, ... itself; leave positions unset (compacted)"
+        )
+    if model_type == "llava_onevision" and "grid" in settings.method.needs and settings.budget == "per_image":
+        raise ValueError(
+            f"method {settings.method.name!r} needs one patch grid per budget unit; with budget='per_image' a "
+            "LLaVA-OneVision image's base crop and its packed grid differ in width (vLLM's memory profiling sends such "
+            "an image at start-up); use budget='per_crop'"
         )
     return settings
 
@@ -84,6 +93,18 @@ def _check_clip_tower(hf_config: Any) -> None:
             "vispruner's vLLM plugin needs a CLIP vision tower whose features come from one layer with [CLS] "
             f"dropped (vision_feature_layer an int, vision_feature_select_strategy='default'); got a {vision!r} "
             f"tower, {layer!r} and {strategy!r}"
+        )
+
+
+def _check_onevision(hf_config: Any) -> None:
+    vision = getattr(getattr(hf_config, "vision_config", None), "model_type", None)
+    layer, strategy = getattr(hf_config, "vision_feature_layer", None), getattr(hf_config, "vision_feature_select_strategy", None)
+    aspect = getattr(hf_config, "vision_aspect_ratio", None)
+    if vision != "siglip_vision_model" or not isinstance(layer, int) or strategy != "full" or aspect != "anyres_max_9":
+        raise TypeError(
+            "vispruner's vLLM plugin needs a LLaVA-OneVision with a SigLIP tower whose features come from one layer "
+            "(vision_feature_layer an int, vision_feature_select_strategy='full') packed anyres_max_9 (what vLLM "
+            f"packs with, whatever the config says); got a {vision!r} tower, {layer!r}, {strategy!r} and {aspect!r}"
         )
 
 
