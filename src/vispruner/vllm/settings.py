@@ -73,8 +73,8 @@ def settings_for(hf_config: Any) -> Settings | None:
         )
     if model_type in RENUMBERED_FAMILIES and settings.positions != "compacted":
         raise ValueError(
-            f"positions={settings.positions!r} is not supported in vLLM: vLLM numbers this model's prompt tokens "
-            "0, 1, 2, ... itself; leave positions unset (compacted)"
+            f"positions={settings.positions!r} is not supported in vLLM for {SERVED[model_type]}: vLLM numbers the "
+            "prompt tokens 0, 1, 2, ... itself; leave positions unset (compacted)"
         )
     if model_type == "llava_onevision" and "grid" in settings.method.needs and settings.budget == "per_image":
         raise ValueError(
