@@ -1,7 +1,8 @@
 """The Triton kernels (one launch per selection loop on a GPU) against the eager steps.
 
 On the CPU they run under Triton's interpreter, against the step-by-step loop of ``cuda_order``
-(CUDA's order of ties written out); on a CUDA device, against the library's eager GPU path on
+(CUDA's order of ties written out; the interpreter's argmin always breaks ties to the left, so
+there it cannot tell DivPrune's tie rule from another); on a CUDA device, against the library's eager GPU path on
 tie-heavy inputs and the golden masks, and the CUDA order against CUDA's own sort. (The
 independent reference's comparison on CUDA is test_vispruner_properties', which now runs the
 kernel.)"""

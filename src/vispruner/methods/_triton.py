@@ -10,9 +10,9 @@ elements, so the masks are the same:
 * A step ranks A by ``torch.argsort(closeness, descending=True)``, whose order of tied values is
   CUDA's: for at most 32 values, the bitonic network of ``SmallBitonicSort`` (unstable: ties swap),
   replayed here comparison for comparison; for more, a stable order (warp merge sort up to 128,
-  block radix sort up to 4,096), which is rank = #greater + #equal before. Closeness never holds
-  -0.0 (the eager code adds 0.0 before its maximum, and so does this), so the radix sort's
-  ordering of signed zeros never differs from a comparison's.
+  block radix sort up to 4,096), which is rank = #greater + #equal before. The radix sort would
+  order -0.0 below +0.0 where a comparison ties them, but the eager closeness never holds -0.0
+  (it adds 0.0, B's penalty, before its maximum), so the two orders agree.
 * DivPrune takes ``argmin`` (first index among ties, as torch documents) of the nearest-chosen
   similarities with chosen tokens masked to +inf, and keeps a running maximum.
 

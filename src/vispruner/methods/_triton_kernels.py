@@ -79,8 +79,8 @@ def remove_duplicates(
                 other=float("-inf"),
             )
             closeness = tl.maximum(closeness, tl.max(cells, axis=1))
-        # The eager code adds 0.0 (B's penalty) before its maximum: -0.0 reads as +0.0.
-        closeness = tl.where(count_b > 0, closeness + 0.0, 0.0)
+        # A lone A token (no B) scores 0. Signed zeros need no care here: the ranks below compare.
+        closeness = tl.where(count_b > 0, closeness, 0.0)
         tl.store(keys + rows, closeness, mask=in_a)
         tl.debug_barrier()
         if count_a > 32:
