@@ -72,6 +72,16 @@ def test_original_positions_refused():
         settings_for(_config(tiny_llava(), {"positions": "original"}))
 
 
+@pytest.mark.parametrize(("name", "value"), [("vision_feature_select_strategy", "full"), ("vision_feature_layer", [-2, -1])])
+def test_llava_tower_the_cls_row_cannot_read_refused(name, value):
+    # The [CLS] row is read from one layer's output, and dropped from the features only with "default".
+    config = _config(tiny_llava(), {"num_tokens": 8})
+    assert settings_for(config).num_tokens == 8
+    setattr(config, name, value)
+    with pytest.raises(TypeError, match=f"needs a CLIP vision tower .*got a 'clip_vision_model' tower, .*{re.escape(repr(value))}"):
+        settings_for(config)
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [("vision_aspect_ratio", "anyres_max_4"), ("vision_feature_select_strategy", "default"), ("vision_feature_layer", [-2, -1])],

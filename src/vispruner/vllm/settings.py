@@ -20,10 +20,8 @@ SERVED = {
     "gemma3": "Gemma 3 images (Gemma3ForConditionalGeneration)",
     "llava_onevision": "LLaVA-OneVision images and videos (LlavaOnevisionForConditionalGeneration)",
 }
-#: The served families whose signal is the [CLS] row of a CLIP tower.
-CLS_FAMILIES = ("llava", "llava_next")
 #: The served families whose language model numbers the prompt 0, 1, 2, ... (1D positions).
-RENUMBERED_FAMILIES = (*CLS_FAMILIES, "gemma3", "llava_onevision")
+RENUMBERED_FAMILIES = ("llava", "llava_next", "gemma3", "llava_onevision")
 
 
 def requested(hf_config: Any) -> dict[str, Any] | None:
@@ -51,10 +49,7 @@ def settings_for(hf_config: Any) -> Settings | None:
             f"vispruner's vLLM plugin prunes {', '.join(SERVED.values())}; got a {model_type!r} model "
             f'(leave hf_overrides["{KEY}"] unset to serve it unpruned)'
         )
-    if model_type in CLS_FAMILIES:
-        _check_clip_tower(hf_config)
-    if model_type == "llava_onevision":
-        _check_onevision(hf_config)
+    _check_tower(hf_config, model_type)
     from ..adapters import family_of_type
     from ..api import check_arguments
 
@@ -85,26 +80,37 @@ def settings_for(hf_config: Any) -> Settings | None:
     return settings
 
 
-def _check_clip_tower(hf_config: Any) -> None:
-    vision = getattr(getattr(hf_config, "vision_config", None), "model_type", None)
-    layer, strategy = getattr(hf_config, "vision_feature_layer", None), getattr(hf_config, "vision_feature_select_strategy", None)
-    if vision != "clip_vision_model" or not isinstance(layer, int) or strategy != "default":
-        raise TypeError(
-            "vispruner's vLLM plugin needs a CLIP vision tower whose features come from one layer with [CLS] "
-            f"dropped (vision_feature_layer an int, vision_feature_select_strategy='default'); got a {vision!r} "
-            f"tower, {layer!r} and {strategy!r}"
-        )
+#: The LLaVA-style families' towers as the plugin reads them: (tower model_type, the
+#: vision_feature_select_strategy, the vision_aspect_ratio or None for any, the tower in words).
+_CLIP = ("clip_vision_model", "default", None, "a CLIP vision tower whose features come from one layer with [CLS] dropped")
+TOWERS = {
+    "llava": _CLIP,
+    "llava_next": _CLIP,
+    "llava_onevision": (
+        "siglip_vision_model",
+        "full",
+        "anyres_max_9",
+        "a LLaVA-OneVision with a SigLIP tower whose features come from one layer, packed anyres_max_9 (what vLLM "
+        "packs with, whatever the config says)",
+    ),
+}
 
 
-def _check_onevision(hf_config: Any) -> None:
-    vision = getattr(getattr(hf_config, "vision_config", None), "model_type", None)
-    layer, strategy = getattr(hf_config, "vision_feature_layer", None), getattr(hf_config, "vision_feature_select_strategy", None)
-    aspect = getattr(hf_config, "vision_aspect_ratio", None)
-    if vision != "siglip_vision_model" or not isinstance(layer, int) or strategy != "full" or aspect != "anyres_max_9":
+def _check_tower(hf_config: Any, model_type: str) -> None:
+    if model_type not in TOWERS:
+        return
+    tower, strategy, aspect, described = TOWERS[model_type]
+    got = (
+        getattr(getattr(hf_config, "vision_config", None), "model_type", None),
+        getattr(hf_config, "vision_feature_layer", None),
+        getattr(hf_config, "vision_feature_select_strategy", None),
+        getattr(hf_config, "vision_aspect_ratio", None),
+    )
+    if got[0] != tower or not isinstance(got[1], int) or got[2] != strategy or aspect not in (None, got[3]):
+        shown = got if aspect is not None else got[:3]
         raise TypeError(
-            "vispruner's vLLM plugin needs a LLaVA-OneVision with a SigLIP tower whose features come from one layer "
-            "(vision_feature_layer an int, vision_feature_select_strategy='full') packed anyres_max_9 (what vLLM "
-            f"packs with, whatever the config says); got a {vision!r} tower, {layer!r}, {strategy!r} and {aspect!r}"
+            f"vispruner's vLLM plugin needs {described} (vision_feature_layer an int, vision_feature_select_strategy="
+            f"{strategy!r}); got a {shown[0]!r} tower, " + ", ".join(repr(value) for value in shown[1:])
         )
 
 
