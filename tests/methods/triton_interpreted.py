@@ -15,7 +15,7 @@ import torch  # noqa: E402
 root = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(root / "src"), str(root)]  # as pytest's pythonpath: this checkout's code
 from tests.methods import cuda_order  # noqa: E402
-from vispruner.methods import _native, _triton  # noqa: E402
+from vispruner.methods import _native, _triton, vispruner  # noqa: E402
 from vispruner.methods.divprune import _greedy_max_min  # noqa: E402
 
 
@@ -33,7 +33,8 @@ def main() -> None:
     for batch, length, budget in cases:
         for levels in (2, 5, 1_000_000):
             similarity = tied_similarity(batch, length, levels, generator)
-            got = _triton.remove_duplicates(similarity, budget).tolist()
+            steps = vispruner._step_count(length, budget)
+            got = _triton.remove_duplicates(similarity, budget, steps, vispruner.STEP).tolist()
             want = [cuda_order.remove_duplicates(similarity[b], budget) for b in range(batch)]
             assert got == want, (batch, length, budget, levels, got, want)
     # DivPrune: the kernel against the eager loop (torch's argmin: first index among ties).

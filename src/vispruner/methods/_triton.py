@@ -37,15 +37,8 @@ MAX_RESIDUAL = 1024
 MAX_TOKENS = 4096
 #: CUDA's SmallBitonicSort sorts up to this many values in one 32-slot network.
 BITONIC = 32
-#: Launch settings: one program per image, with at least as many threads as rows of A (None:
-#: that many warps, 4 to 16; MAX_RESIDUAL keeps A within 512 rows). With fewer, so that a thread
-#: held two rows, the compiled kernel (Triton 3.6, H200) returned wrong lists, which Triton's
-#: interpreter does not: measured, not understood. No software pipelining (the loops read what
-#: the same program wrote a step earlier).
-NUM_WARPS: int | None = None
+#: No software pipelining: the loops read what the same program wrote a step earlier.
 NUM_STAGES = 1
-#: The published step size (tokens dropped per step), as in :mod:`.vispruner`.
-STEP = 8
 
 
 def _kernels():  # noqa: ANN202 - the module of Triton JIT functions
@@ -102,19 +95,11 @@ def _block(size: int) -> int:
     return max(16, 1 << max(0, size - 1).bit_length())
 
 
-def step_count(length: int, budget: int) -> int:
-    """Steps duplicate removal takes from ``length`` tokens to ``budget``."""
-    steps = 0
-    while length > budget:
-        length -= min(STEP, length - budget, (length + 1) // 2)
-        steps += 1
-    return steps
-
-
-def remove_duplicates(similarity: torch.Tensor, budget: int) -> torch.Tensor | None:
+def remove_duplicates(similarity: torch.Tensor, budget: int, steps: int, step: int) -> torch.Tensor | None:
     """(B, budget) int64 rows of ``similarity`` (B, R, R) float32 that survive duplicate removal,
     in list order: what :func:`.vispruner._remove_duplicates_dense` returns, for 0 < budget < R;
-    None if the kernel failed (see :func:`_launch`)."""
+    None if the kernel failed (see :func:`_launch`). ``steps``: how many the loop takes, each
+    dropping up to ``step`` tokens (VisPruner's rule, which :mod:`.vispruner` owns)."""
     batch, length, _ = similarity.shape
     r_block = _block(length)
     a_block = max(BITONIC, _block((length + 1) // 2))
@@ -125,9 +110,12 @@ def remove_duplicates(similarity: torch.Tensor, budget: int) -> torch.Tensor | N
     ranks = torch.empty(batch, a_block, dtype=torch.int32, device=device)
     out = torch.empty(batch, budget, dtype=torch.int64, device=device)
     launched = _launch("remove_duplicates", lambda: _kernels().remove_duplicates[(batch,)](
-        similarity.contiguous(), lists, keys, values, ranks, out, length, budget, step_count(length, budget),
-        R_BLOCK=r_block, A_BLOCK=a_block, CHUNK=max(8, min(64, 8192 // a_block)),
-        num_warps=NUM_WARPS or min(16, max(4, a_block // 32)), num_stages=NUM_STAGES,
+        similarity.contiguous(), lists, keys, values, ranks, out, length, budget, steps,
+        STEP=step, R_BLOCK=r_block, A_BLOCK=a_block, CHUNK=max(8, min(64, 8192 // a_block)),
+        # At least one thread per row of A (MAX_RESIDUAL keeps A within 512 rows): where a thread
+        # held two, the compiled kernel (Triton 3.6, H200) returned wrong lists, which Triton's
+        # interpreter does not; measured, not understood.
+        num_warps=min(16, max(4, a_block // 32)), num_stages=NUM_STAGES,
     ))
     return out if launched else None
 
@@ -140,6 +128,6 @@ def greedy_max_min(similarity: torch.Tensor, first: torch.Tensor, count: int) ->
     keep = torch.zeros(batch, tokens, dtype=torch.bool, device=similarity.device)
     launched = _launch("greedy_max_min", lambda: _kernels().greedy_max_min[(batch,)](
         similarity.contiguous(), first.contiguous(), keep, tokens, count,
-        N_BLOCK=_block(tokens), num_warps=NUM_WARPS or 4, num_stages=NUM_STAGES,
+        N_BLOCK=_block(tokens), num_warps=4, num_stages=NUM_STAGES,
     ))
     return keep if launched else None

@@ -40,6 +40,7 @@ def remove_duplicates(
     length,
     budget,
     steps,
+    STEP: tl.constexpr,
     R_BLOCK: tl.constexpr,
     A_BLOCK: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -65,7 +66,7 @@ def remove_duplicates(
         target = lists + (1 - current) * R_BLOCK
         count_a = (remaining + 1) // 2
         count_b = remaining // 2
-        drop = tl.minimum(tl.minimum(remaining - budget, count_a), 8)
+        drop = tl.minimum(tl.minimum(remaining - budget, count_a), STEP)
         in_a = rows < count_a
         side_a = tl.load(source + 2 * rows, mask=in_a, other=0)
         closeness = tl.full([A_BLOCK], float("-inf"), tl.float32)

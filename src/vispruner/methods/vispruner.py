@@ -143,7 +143,7 @@ def _remove_duplicates(features: torch.Tensor, residual: torch.Tensor, budget: i
         similarity = residual_similarity(features, residual)
         if _triton.usable(similarity, length, _triton.MAX_RESIDUAL):
             # The whole loop in one kernel launch: the same steps on the same similarity.
-            survivors = _triton.remove_duplicates(similarity, budget)
+            survivors = _triton.remove_duplicates(similarity, budget, _step_count(length, budget), STEP)
             if survivors is not None:
                 return torch.gather(residual, 1, survivors)
         return _remove_duplicates_dense(similarity, residual, budget)
@@ -207,13 +207,27 @@ def _step(
     """One step of duplicate removal on the list ``order`` (B, R): the next list. ``closest``
     gives each token of A its highest similarity to B."""
     side_a, side_b = order[:, 0::2], order[:, 1::2]
-    drop = min(STEP, order.shape[1] - budget, side_a.shape[1])
+    drop = _dropped(order.shape[1], budget)
     if side_b.shape[1] == 0:
         closeness = torch.zeros(side_a.shape, device=order.device)
     else:
         closeness = closest(side_a, side_b)
     survivors = torch.argsort(closeness, dim=1, descending=True)[:, drop:]
     return torch.cat([torch.gather(side_a, 1, survivors), side_b], dim=1)
+
+
+def _dropped(length: int, budget: int) -> int:
+    """Tokens a step drops from a list of ``length`` (A holds ``ceil(length / 2)`` of them)."""
+    return min(STEP, length - budget, (length + 1) // 2)
+
+
+def _step_count(length: int, budget: int) -> int:
+    """Steps duplicate removal takes from ``length`` tokens to ``budget``."""
+    steps = 0
+    while length > budget:
+        length -= _dropped(length, budget)
+        steps += 1
+    return steps
 
 
 @torch.no_grad()
