@@ -295,6 +295,15 @@ class ImageSelection:
             return None
         return [row.nonzero().flatten() for row in self.keep & ~self.important]
 
+    @classmethod
+    def of_item(
+        cls, keep: torch.Tensor, important: torch.Tensor | None, item: Item, modality: str = "image"
+    ) -> "ImageSelection":
+        """One item's selection from its (T,) ``keep`` and ``important`` flags over its candidates:
+        one row per piece where the pieces are alike, else one row over all of them."""
+        grid = item.grid if item.uniform else (1, item.size)
+        return cls(_by_piece(keep, item), None if important is None else _by_piece(important, item), grid, modality)
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -390,19 +399,16 @@ class VisionStagePruner:
         if "keep" not in chosen:
             raise RuntimeError(f"{type(tap.module).__name__} did not run inside {modality.encoder}")
         sizes = [item.size for item in items]
-        keeps = [_by_piece(keep, item) for keep, item in zip(chosen["keep"].split(sizes), items)]
-        importants: list[torch.Tensor | None] = [None] * len(items)
-        if chosen["important"] is not None:
-            importants = [_by_piece(i, item) for i, item in zip(chosen["important"].split(sizes), items)]
+        keeps = chosen["keep"].split(sizes)
+        importants = [None] * len(items) if chosen["important"] is None else chosen["important"].split(sizes)
         selections = [
-            ImageSelection(k, i, item.grid if item.uniform else (1, item.size), modality.name)
-            for k, i, item in zip(keeps, importants, items)
+            ImageSelection.of_item(k, i, item, modality.name) for k, i, item in zip(keeps, importants, items)
         ]
         self.last = selections
         if isinstance(output.pooler_output, torch.Tensor):
             output.pooler_output = list(output.pooler_output)
             setattr(output, STACKED, True)
-        packed = self.vision.pack(modality, keeps, arguments)
+        packed = self.vision.pack(modality, [selection.keep for selection in selections], arguments)
         features = output.pooler_output if hasattr(output, "pooler_output") else output[1]
         if len(features) != len(packed):
             # The stock output groups items otherwise (SmolVLM: a prompt's tiles concatenated); one

@@ -168,8 +168,8 @@ class PrunableGemma3ForConditionalGeneration(Gemma3ForConditionalGeneration):
         keep, important, size = chosen["keep"], chosen["important"], side * side
         importants = [None] * len(items) if important is None else important.split(size)
         self.vispruner_last = [
-            ImageSelection(flags.view(1, -1).cpu(), None if best is None else best.view(1, -1).cpu(), (side, side))
-            for flags, best in zip(keep.split(size), importants)
+            ImageSelection.of_item(flags.cpu(), None if best is None else best.cpu(), item)
+            for flags, best, item in zip(keep.split(size), importants, items)
         ]
         out, start = [], 0
         for rows in embeddings:

@@ -36,7 +36,7 @@ from vllm.model_executor.models.llava_onevision import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ..adapters.vision_stage import ImageSelection, _by_piece, select_tokens
+from ..adapters.vision_stage import ImageSelection, select_tokens
 from .layout import Layout, onevision_grid_layout, onevision_layout, video_layout
 from .models import RefuseEmbeddings, _Counting, _Pruning, _side
 from .received import QkvReceivedCapture
@@ -188,8 +188,4 @@ class PrunableLlavaOnevisionForConditionalGeneration(_Pruning, LlavaOnevisionFor
     def _vispruner_selection(self, layout: Layout, keep: torch.Tensor, important: torch.Tensor | None) -> ImageSelection:
         """As the library records a OneVision item: one row per piece where the pieces are alike (a
         video's frames; an image whose packed grid has the base crop's shape), else one row."""
-        item = layout.item()
-        grid = item.grid if item.uniform else (1, item.size)
-        return ImageSelection(
-            _by_piece(keep, item).cpu(), None if important is None else _by_piece(important, item).cpu(), grid
-        )
+        return ImageSelection.of_item(keep.cpu(), None if important is None else important.cpu(), layout.item())
